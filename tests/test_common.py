@@ -1,0 +1,266 @@
+"""The common test table: every optimizer of the library must pass every test here."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
+
+from tests.optimizer_cases import CASES, OptimizerCase, case_ids, extra_args
+from tests.problems import FactorizationProblem, shard_params
+
+PARAMETRIZE = pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+
+
+@pytest.fixture(scope="module")
+def problem() -> FactorizationProblem:
+    return FactorizationProblem.create(seed=0)
+
+
+def _step_fn(case: OptimizerCase, tx: optax.GradientTransformation, problem):
+    def step(params, state):
+        grads, full = problem.grads(params)
+        updates, state = tx.update(grads, state, params, **extra_args(case, full))
+        return optax.apply_updates(params, updates), state, updates
+
+    return step
+
+
+def _run(case, tx, problem, params, steps, *, jit=True):
+    step = _step_fn(case, tx, problem)
+    step = jax.jit(step) if jit else step
+    state = tx.init(params)
+    history = []
+    for _ in range(steps):
+        params, state, updates = step(params, state)
+        history.append(updates)
+    return params, state, history
+
+
+def _assert_trees_close(x, y, rtol=1e-5, atol=1e-6):
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(
+            np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol
+        ),
+        x,
+        y,
+    )
+
+
+def _assert_finite(tree):
+    for leaf in jax.tree.leaves(tree):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), leaf
+
+
+@PARAMETRIZE
+def test_jit_matches_eager(case, problem):
+    params = problem.random_params()
+    tx = case.make(learning_rate=case.learning_rate)
+    p_jit, s_jit, h_jit = _run(case, tx, problem, params, 3, jit=True)
+    p_eager, s_eager, h_eager = _run(case, tx, problem, params, 3, jit=False)
+    _assert_trees_close(h_jit, h_eager)
+    _assert_trees_close(p_jit, p_eager)
+    _assert_finite(s_jit)
+
+
+@PARAMETRIZE
+def test_no_recompilation(case, problem):
+    tx = case.make(learning_rate=case.learning_rate)
+    traces = []
+
+    def step(params, state):
+        traces.append(1)
+        return _step_fn(case, tx, problem)(params, state)
+
+    step_jit = jax.jit(step)
+    params = problem.init_params()
+    state = tx.init(params)
+    for _ in range(3):
+        params, state, _ = step_jit(params, state)
+    assert len(traces) == 1
+    assert step_jit._cache_size() == 1
+
+
+@PARAMETRIZE
+def test_schedule(case, problem):
+    params = problem.random_params()
+    lr = case.learning_rate
+    constant = case.make(learning_rate=optax.constant_schedule(lr))
+    p_const, _, _ = _run(case, constant, problem, params, 3)
+    p_float, _, _ = _run(case, case.make(learning_rate=lr), problem, params, 3)
+    _assert_trees_close(p_const, p_float)
+    # A schedule that is 0 at the first step leaves the parameters unchanged.
+    warmup = case.make(learning_rate=optax.linear_schedule(0.0, lr, 10))
+    _, _, history = _run(case, warmup, problem, params, 2)
+    for leaf in jax.tree.leaves(history[0]):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+    assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(history[1]))
+
+
+@PARAMETRIZE
+def test_inject_hyperparams(case, problem):
+    params = problem.random_params()
+    lr = case.learning_rate
+    injected = optax.inject_hyperparams(case.make)(learning_rate=lr)
+    state = injected.init(params)
+    assert "learning_rate" in state.hyperparams
+    np.testing.assert_allclose(state.hyperparams["learning_rate"], lr, rtol=1e-6)
+    p_inj, s_inj, _ = _run(case, injected, problem, params, 3)
+    p_ref, _, _ = _run(case, case.make(learning_rate=lr), problem, params, 3)
+    _assert_trees_close(p_inj, p_ref)
+    # Changing the injected learning rate changes the next step.
+    s_inj.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    grads, full = problem.grads(p_inj)
+    updates, _ = injected.update(grads, s_inj, p_inj, **extra_args(case, full))
+    for leaf in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+
+
+@PARAMETRIZE
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_dtypes_preserved(case, problem, dtype):
+    params = problem.random_params(dtype=dtype)
+    tx = case.make(learning_rate=case.learning_rate)
+    state0 = tx.init(params)
+    new_params, state, history = _run(case, tx, problem, params, 3)
+    for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(history[-1])):
+        assert u.dtype == p.dtype
+    for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(new_params)):
+        assert q.dtype == p.dtype
+    assert jax.tree.structure(state0) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state)):
+        assert jnp.asarray(a).dtype == jnp.asarray(b).dtype
+        assert jnp.shape(a) == jnp.shape(b)
+    _assert_finite(history)
+    _assert_finite(state)
+
+
+@PARAMETRIZE
+def test_multi_steps(case, problem):
+    """Two MultiSteps micro-steps on the same gradient equal one plain step."""
+    params = problem.random_params()
+    tx = case.make(learning_rate=case.learning_rate)
+    multi = optax.MultiSteps(tx, every_k_schedule=2)
+    grads, full = problem.grads(params)
+    kwargs = extra_args(case, full)
+    m_state = multi.init(params)
+    upd1, m_state = jax.jit(multi.update)(grads, m_state, params, **kwargs)
+    for leaf in jax.tree.leaves(upd1):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+    upd2, m_state = jax.jit(multi.update)(grads, m_state, params, **kwargs)
+    ref, _ = tx.update(grads, tx.init(params), params, **kwargs)
+    _assert_trees_close(upd2, ref)
+
+
+@PARAMETRIZE
+def test_state_stable_under_cond(case, problem):
+    params = problem.random_params()
+    tx = case.make(learning_rate=case.learning_rate)
+    state = tx.init(params)
+
+    @jax.jit
+    def maybe_step(pred, params, state):
+        grads, full = problem.grads(params)
+
+        def do(state):
+            return tx.update(grads, state, params, **extra_args(case, full))
+
+        def skip(state):
+            return jax.tree.map(jnp.zeros_like, grads), state
+
+        return jax.lax.cond(pred, do, skip, state)
+
+    _, s1 = maybe_step(True, params, state)
+    _, s2 = maybe_step(False, params, s1)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(s1)):
+        assert jax.typeof(jnp.asarray(a)).dtype == jax.typeof(b).dtype
+        assert jnp.shape(a) == jnp.shape(b)
+    assert jax.tree.structure(s1) == jax.tree.structure(s2)
+
+
+@PARAMETRIZE
+def test_converges_on_lora_factorization(case, problem):
+    params = problem.init_params()
+    tx = case.make(learning_rate=case.learning_rate)
+    initial = float(problem.loss(params))
+    final_params, state, _ = _run(case, tx, problem, params, 300)
+    final = float(problem.loss(final_params))
+    assert np.isfinite(final)
+    assert final < 0.1 * initial, (initial, final)
+    _assert_finite(state)
+
+
+def _tail_matches(state_path, param_paths):
+    for p in param_paths:
+        if len(state_path) >= len(p) and tuple(state_path[-len(p) :]) == p:
+            return p
+    return None
+
+
+def _key_path(kp):
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in kp)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+@PARAMETRIZE
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_sharding_stable(case, problem, axis_type):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+    with jax.set_mesh(mesh):
+        _check_sharding_stable(case, problem, mesh)
+
+
+def _check_sharding_stable(case, problem, mesh):
+    params = shard_params(problem.random_params(), mesh)
+    param_leaves = {
+        _key_path(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    tx = case.make(learning_rate=case.learning_rate)
+    state = tx.init(params)
+
+    def check_layout(state):
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            path = _key_path(kp)
+            assert isinstance(leaf, jax.Array), (path, type(leaf))
+            if leaf.ndim == 0:
+                continue
+            assert not isinstance(leaf.sharding, SingleDeviceSharding), path
+            assert isinstance(leaf.sharding, NamedSharding), (path, leaf.sharding)
+            owner = _tail_matches(path, list(param_leaves))
+            if owner is not None and leaf.shape == param_leaves[owner].shape:
+                assert leaf.sharding.is_equivalent_to(param_leaves[owner].sharding, leaf.ndim), (
+                    path,
+                    leaf.sharding,
+                    param_leaves[owner].sharding,
+                )
+            elif owner is not None and leaf.ndim >= 2 and leaf.shape[-1] == leaf.shape[-2]:
+                # r×r statistics: replicated over the non-batch axes.
+                spec = tuple(leaf.sharding.spec) + (None,) * leaf.ndim
+                assert spec[leaf.ndim - 2 : leaf.ndim] == (None, None), (path, leaf.sharding)
+
+    check_layout(state)
+    grads, full = problem.grads(params)
+    kwargs = extra_args(case, full)
+    update = jax.jit(tx.update)
+    _, s_jit = update(grads, state, params, **kwargs)
+    check_layout(s_jit)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(s_jit)):
+        assert jax.typeof(a) == jax.typeof(b), (jax.typeof(a), jax.typeof(b))
+        if a.ndim:
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+    if mesh.axis_types[0] == AxisType.Explicit:
+        # Eager dispatch on 8 devices is slow; one mesh type suffices for jit vs eager.
+        _, s_eager = tx.update(grads, state, params, **kwargs)
+        for b, c in zip(jax.tree.leaves(s_jit), jax.tree.leaves(s_eager)):
+            assert jax.typeof(b) == jax.typeof(c), (jax.typeof(b), jax.typeof(c))
+            if b.ndim:
+                assert b.sharding.is_equivalent_to(c.sharding, b.ndim), (b.sharding, c.sharding)
+    # The sharded result equals the single-device one.
+    _, s_single = tx.update(
+        *jax.device_get((grads, tx.init(jax.device_get(params)), jax.device_get(params))),
+        **jax.device_get(kwargs),
+    )
+    _assert_trees_close(s_jit, s_single, rtol=1e-4, atol=1e-5)
