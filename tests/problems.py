@@ -39,6 +39,10 @@ def lowrank_product(a: jax.Array, b: jax.Array, batch: int) -> jax.Array:
     return w.reshape(a.shape[:-1] + b.shape[batch + 1 :])
 
 
+def _wide(dtype: Any) -> Any:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _batch(name: str) -> int:
     return 1 if name == "stacked" else 0
 
@@ -59,8 +63,8 @@ class FactorizationProblem:
             u = rng.normal(size=a_shape[:-1] + (r_true,))
             v = rng.normal(size=a_shape[:k] + (r_true,) + b_shape[k + 1 :])
             w = np.asarray(lowrank_product(jnp.asarray(u), jnp.asarray(v), k))
-            targets[name] = jnp.asarray(2.0 * w / np.linalg.norm(w), jnp.float32)
-        bias = jnp.asarray(rng.normal(size=BIAS_SHAPE), jnp.float32)
+            targets[name] = jnp.asarray(2.0 * w / np.linalg.norm(w))
+        bias = jnp.asarray(rng.normal(size=BIAS_SHAPE))
         return cls(targets, bias, scale)
 
     def init_params(self, seed: int = 1, dtype: Any = jnp.float32) -> dict[str, Any]:
@@ -86,13 +90,14 @@ class FactorizationProblem:
         return params
 
     def loss_with_probes(self, params: dict[str, Any], probes: dict[str, Any]) -> jax.Array:
-        total = jnp.zeros((), jnp.float32)
+        total = jnp.zeros((), _wide(jnp.result_type(float)))
         for name in LAYOUT:
-            a = params[name][A_KEY[name]].astype(jnp.float32)
-            b = params[name][B_KEY[name]].astype(jnp.float32)
+            a = params[name][A_KEY[name]]
+            b = params[name][B_KEY[name]]
+            a, b = a.astype(_wide(a.dtype)), b.astype(_wide(b.dtype))
             w = self.scale * lowrank_product(a, b, _batch(name)) + probes[name]
             total = total + 0.5 * jnp.sum((w - self.targets[name]) ** 2)
-        bias = params["bias"].astype(jnp.float32)
+        bias = params["bias"].astype(_wide(params["bias"].dtype))
         return total + 0.5 * jnp.sum((bias - self.bias_target) ** 2)
 
     def zero_probes(self) -> dict[str, jax.Array]:
@@ -128,3 +133,30 @@ def shard_params(params: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, A
         }
     out["bias"] = jax.device_put(params["bias"], NamedSharding(mesh, PartitionSpec(*BIAS_SPEC)))
     return out
+
+
+def factor_matrices(x: Any, batch_ndim: int, role: str) -> list[np.ndarray]:
+    """Float64 2-D matrices of a factor, one per stacked-layer index.
+
+    ``role="a"``: ``(*batch, *in, r) -> [m × r]``; ``role="b"``:
+    ``(*batch, r, *out) -> [r × n]``; gradients of the factors read the same way.
+    """
+    x = np.asarray(x, np.float64)
+    batch = x.shape[:batch_ndim]
+    flat = x.reshape((-1,) + x.shape[batch_ndim:]) if batch_ndim else x[None]
+    if role == "a":
+        mats = [f.reshape(-1, f.shape[-1]) for f in flat]
+    else:
+        mats = [f.reshape(f.shape[0], -1) for f in flat]
+    assert len(mats) == (int(np.prod(batch)) if batch_ndim else 1)
+    return mats
+
+
+def stack_matrices(mats: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`factor_matrices`: back to the factor's shape."""
+    return np.stack(mats).reshape(shape)
+
+
+def pair_batch(name: str) -> int:
+    """Number of stacked-layer axes of a LAYOUT pair."""
+    return _batch(name)

@@ -60,7 +60,7 @@ def test_jit_matches_eager(case, problem):
     params = problem.random_params()
     tx = case.make(learning_rate=case.learning_rate)
     p_jit, s_jit, h_jit = _run(case, tx, problem, params, 3, jit=True)
-    p_eager, s_eager, h_eager = _run(case, tx, problem, params, 3, jit=False)
+    p_eager, _s_eager, h_eager = _run(case, tx, problem, params, 3, jit=False)
     _assert_trees_close(h_jit, h_eager)
     _assert_trees_close(p_jit, p_eager)
     _assert_finite(s_jit)

@@ -53,7 +53,7 @@ def _reshape(x: jax.Array, shape: tuple[int, ...], keep: int) -> jax.Array:
         return x.reshape(shape)
     try:
         return x.reshape(shape)
-    except Exception:  # noqa: BLE001 - jax raises several types for sharded reshapes
+    except Exception:
         spec = _spec(sharding, x.ndim)[:keep] + (None,) * (len(shape) - keep)
         out = NamedSharding(sharding.mesh, PartitionSpec(*spec))
         return jax.lax.reshape(x, shape, out_sharding=out)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import optax
@@ -86,12 +86,9 @@ class LoRAPair:
         )
 
 
-PairSpec = Union[
-    None,
-    Sequence[LoRAPair],
-    Callable[[Any], Sequence[LoRAPair]],
-    Any,  # a label tree: leaves "a" / "b" / None, mirroring the params
-]
+# None (automatic discovery) | Sequence[LoRAPair] | Callable[[tree], Sequence[LoRAPair]]
+# | a label tree mirroring the params with leaves "a" / "b" / None.
+PairSpec = Any
 
 
 def as_path(path: str | Iterable[Any]) -> Path:
@@ -144,11 +141,13 @@ class LeafIndex:
         leaves = list(self.leaves)
         for path, value in new.items():
             leaves[self.index[path]] = value
-        return self.treedef.unflatten(leaves)
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def map(self, fn: Callable[[Path, Any], Any]) -> Any:
         """Rebuilds the tree with ``fn(path, leaf)`` applied to every leaf."""
-        return self.treedef.unflatten([fn(p, x) for p, x in zip(self.paths, self.leaves)])
+        return jax.tree_util.tree_unflatten(
+            self.treedef, [fn(p, x) for p, x in zip(self.paths, self.leaves)]
+        )
 
 
 def _leaf_name(path: Path) -> tuple[Path, str]:
@@ -301,7 +300,7 @@ def find_lora_pairs(
     pairs = []
     for slot in groups.values():
         if set(slot) != {"a", "b"}:
-            (which, (path, leaf)), = slot.items()
+            ((which, (path, leaf)),) = slot.items()
             other = "B" if which == "a" else "A"
             raise ValueError(
                 f"LoRA factor {path_str(path)} (shape {_shape(leaf)}) has no {other} "
@@ -340,9 +339,7 @@ def make_pair(
             f"LoRA ranks disagree for pair {name}: A {a_shape} has rank "
             f"{a_shape[-1]} on its last axis, but B {b_shape} has no axis of that size."
         )
-    rank, k, in_ndim, out_ndim = infer_geometry(
-        a_shape, b_shape, batch_ndim=batch_ndim, name=name
-    )
+    rank, k, in_ndim, out_ndim = infer_geometry(a_shape, b_shape, batch_ndim=batch_ndim, name=name)
     return LoRAPair(a_path, b_path, rank, k, in_ndim, out_ndim, scale)
 
 
@@ -357,8 +354,7 @@ def _pairs_from_labels(labels: Any, tree: Any) -> tuple[LoRAPair, ...]:
         label = str(label).lower()
         if label not in ("a", "b"):
             raise ValueError(
-                f"Pair label tree: leaf {path_str(path)} is {label!r}; expected 'a', 'b' "
-                "or None."
+                f"Pair label tree: leaf {path_str(path)} is {label!r}; expected 'a', 'b' or None."
             )
         if path not in index:
             raise ValueError(f"Pair label tree names {path_str(path)}, absent from the tree.")
@@ -371,9 +367,7 @@ def _pairs_from_labels(labels: Any, tree: Any) -> tuple[LoRAPair, ...]:
                 "node holding a LoRA factor needs exactly one 'a' and one 'b' leaf."
             )
         pairs.append(
-            make_pair(
-                slot["a"], slot["b"], _shape(index[slot["a"]]), _shape(index[slot["b"]])
-            )
+            make_pair(slot["a"], slot["b"], _shape(index[slot["a"]]), _shape(index[slot["b"]]))
         )
     return tuple(sorted(pairs, key=lambda p: p.a_path))
 
@@ -403,7 +397,8 @@ def resolve_pairs(
     index = LeafIndex(tree)
     for pair in pairs:
         validate_pair(pair, index)
-    if require and not pairs:
+    # A tree with no array leaf at all (e.g. fully masked by optax.partition) is a no-op.
+    if require and not pairs and any(_is_array_like(x) for x in index.leaves):
         shapes = ", ".join(
             f"{path_str(p)} {_shape(x)}" for p, x in list(index.items())[:6] if _is_array_like(x)
         )
@@ -432,9 +427,7 @@ def validate_pair(pair: LoRAPair, index: LeafIndex) -> None:
         )
     k = pair.batch_ndim
     if a_shape[:k] != b_shape[:k]:
-        raise ValueError(
-            f"LoRA pair {pair.name}: batch axes differ, A {a_shape} vs B {b_shape}."
-        )
+        raise ValueError(f"LoRA pair {pair.name}: batch axes differ, A {a_shape} vs B {b_shape}.")
 
 
 def pair_roles(pairs: Sequence[LoRAPair]) -> dict[Path, tuple[str, LoRAPair]]:
@@ -452,11 +445,11 @@ def label_tree(tree: Any, pairs: PairSpec = None, *, other: str = "other") -> An
     Example::
 
       labels = lora_optax.label_tree(params)
-      tx = optax.partition(
-          {"lora_a": lora_tx, "lora_b": lora_tx, "other": optax.adamw(1e-3)}, labels)
+      labels = jax.tree.map(lambda l: "lora" if l.startswith("lora") else l, labels)
+      tx = optax.partition({"lora": lora_optax.scaled_adamw(1e-3),
+                            "other": optax.adamw(1e-4)}, labels)
 
-    (Give ``lora_tx`` both LoRA labels by mapping them to one label first, e.g.
-    ``jax.tree.map(lambda l: "lora" if l != "other" else l, labels)``.)
+    Both factors of a pair must go to the same transformation.
     """
     resolved = resolve_pairs(pairs, tree, require=False)
     roles = pair_roles(resolved)
@@ -466,3 +459,120 @@ def label_tree(tree: Any, pairs: PairSpec = None, *, other: str = "other") -> An
 
 def is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
+
+
+# ---------------------------------------------------------------------------------------
+# Full-weight gradients (SoLoRA, LoRA-One): where a pair's G lives in a `full_grads` tree.
+# ---------------------------------------------------------------------------------------
+
+
+def pair_parent(pair: LoRAPair) -> Path:
+    """Path of the node holding a pair's ``A`` and ``B`` (for discovered pairs, their
+    common parent; in general the longest common prefix of the two parents)."""
+    pa, pb = _leaf_name(pair.a_path)[0], _leaf_name(pair.b_path)[0]
+    n = 0
+    while n < min(len(pa), len(pb)) and pa[n] == pb[n]:
+        n += 1
+    return pa[:n]
+
+
+def full_grad_paths(pair: LoRAPair) -> tuple[Path, ...]:
+    """Where :func:`full_grad_for_pair` looks for a pair's ``G``, in order.
+
+    First the pair's parent node (:func:`pair_parent`); for qwix-named factors
+    ``<w>_lora_a`` also ``parent/<w>`` (the base weight's own position). Each path
+    is also tried with a variable wrapper key (``value``) appended.
+    """
+    parent = pair_parent(pair)
+    candidates = [parent]
+    stem = _QWIX_A.match(_leaf_name(pair.a_path)[1])
+    if stem:
+        candidates.append(parent + (stem.group("stem"),))
+    out: list[Path] = []
+    for c in candidates:
+        out.extend([c] + [c + (k,) for k in sorted(_WRAPPER_KEYS)])
+    return tuple(out)
+
+
+def full_grad_shapes(
+    pair: LoRAPair, a_shape: Sequence[int], b_shape: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(base-kernel shape ``(*batch, *in, *out)``, matrix shape ``(*batch, m, n)``)."""
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    k = pair.batch_ndim
+    kernel = a_shape[:-1] + b_shape[k + 1 :]
+    matrix = a_shape[:k] + (_prod(a_shape[k:-1]), _prod(b_shape[k + 1 :]))
+    return kernel, matrix
+
+
+def full_grad_for_pair(
+    pair: LoRAPair,
+    full_grads: Any,
+    params: Any,
+    *,
+    what: str = "This transformation",
+) -> Any:
+    """Fetches and checks the full-weight gradient ``G = ∂L/∂W`` of one pair.
+
+    ``full_grads`` is a pytree laid out like the params tree with, at the position of
+    each pair's PARENT node (the node holding its ``A`` and ``B``), that pair's ``G``:
+    an array of the frozen base kernel's shape ``(*batch, *in_axes, *out_axes)`` (A's
+    non-rank axes followed by B's non-rank axes) or of its matrix form
+    ``(*batch, m, n)``. For qwix-named pairs (``<w>_lora_a``) ``G`` may also sit at
+    ``parent/<w>``, the base weight's own position. A flat dict keyed by the parent
+    path (``{"layers/0/attn/q": G}``) works too. :func:`lora_optax.zero_probes` and
+    :func:`lora_optax.value_and_full_grads` build / return exactly this layout.
+
+    Args:
+      pair: the LoRA pair.
+      full_grads: the tree (or a :class:`LeafIndex` of it).
+      params: the params (or updates) tree, or a :class:`LeafIndex` of it, giving
+        the shapes of ``A`` and ``B``.
+      what: name of the caller, for messages.
+
+    Returns:
+      The array found, unchanged (kernel or matrix form; see
+      ``linalg.full_grad_matrix`` to view it as ``(*batch, m, n)``).
+
+    Raises:
+      ValueError: when ``full_grads`` is None, holds nothing at the pair's position,
+        or holds an array of another shape.
+    """
+    if full_grads is None:
+        raise ValueError(
+            f"{what} needs the full-weight gradients: call "
+            "`update(updates, state, params, full_grads=...)` with a tree holding, at "
+            "each LoRA pair's parent node, G = dL/dW of its frozen base weight (see "
+            "lora_optax.value_and_full_grads)."
+        )
+    index = full_grads if isinstance(full_grads, LeafIndex) else LeafIndex(full_grads)
+    pindex = params if isinstance(params, LeafIndex) else LeafIndex(params)
+    kernel, matrix = full_grad_shapes(
+        pair, _shape(pindex[pair.a_path]), _shape(pindex[pair.b_path])
+    )
+    flat_keys = {path_str(p): p for p in index.paths if len(p) == 1}
+    found = None
+    for path in full_grad_paths(pair):
+        if path in index and _is_array_like(index[path]):
+            found = (path, index[path])
+            break
+        key = path_str(path)
+        if key in flat_keys and _is_array_like(index[flat_keys[key]]):
+            found = (path, index[flat_keys[key]])
+            break
+    if found is None:
+        where = " or ".join(f"full_grads[{path_str(p)!r}]" for p in full_grad_paths(pair)[:1])
+        raise ValueError(
+            f"{what}: no full-weight gradient for LoRA pair {pair.name} (A "
+            f"{_shape(pindex[pair.a_path])}, B {_shape(pindex[pair.b_path])}). Expected an "
+            f"array of shape {kernel} (or {matrix}) at {where}, the node holding the "
+            "pair's A and B."
+        )
+    path, g = found
+    if _shape(g) not in (kernel, matrix):
+        raise ValueError(
+            f"{what}: the full-weight gradient of LoRA pair {pair.name} at "
+            f"{path_str(path)} has shape {_shape(g)}; expected the base kernel's shape "
+            f"{kernel} (A's non-rank axes, then B's) or its matrix form {matrix}."
+        )
+    return g
