@@ -1,12 +1,35 @@
 """lora_optax: LoRA-specific optimizers as composable optax transformations."""
 
+from lora_optax._src.full_grads import value_and_full_grads, zero_probes
+from lora_optax._src.ilora import (
+    ImbalanceRegularizationState,
+    add_imbalance_regularization,
+    ilora,
+    pilora,
+)
+from lora_optax._src.lora_one import (
+    lora_one,
+    scale_by_adam_uncorrected,
+    spectral_init,
+    spectral_init_pairs,
+)
 from lora_optax._src.lora_plus import lora_plus, scale_lora_b
+from lora_optax._src.lora_pro import (
+    ScaleByLoRAProAdamState,
+    lora_pro,
+    lora_pro_sgd,
+    scale_by_lora_pro,
+    scale_by_lora_pro_adam,
+)
+from lora_optax._src.lora_rite import ScaleByLoRARiteState, lora_rite, scale_by_lora_rite
 from lora_optax._src.pairs import (
     LeafIndex,
     LoRAPair,
     find_lora_pairs,
+    full_grad_for_pair,
     label_tree,
     make_pair,
+    pair_parent,
     resolve_pairs,
 )
 from lora_optax._src.riemannian import (
@@ -14,19 +37,51 @@ from lora_optax._src.riemannian import (
     scaled_adamw,
     scaled_sgd,
 )
+from lora_optax._src.sharding import state_shardings
+from lora_optax._src.solora import (
+    ScaleBySoLoRAState,
+    scale_by_solora,
+    solora_adamw,
+    solora_sgd,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ImbalanceRegularizationState",
     "LeafIndex",
     "LoRAPair",
+    "ScaleByLoRAProAdamState",
+    "ScaleByLoRARiteState",
+    "ScaleBySoLoRAState",
+    "add_imbalance_regularization",
     "find_lora_pairs",
+    "full_grad_for_pair",
+    "ilora",
     "label_tree",
+    "lora_one",
     "lora_plus",
+    "lora_rite",
+    "lora_pro",
+    "lora_pro_sgd",
     "make_pair",
+    "pair_parent",
+    "pilora",
     "resolve_pairs",
+    "scale_by_adam_uncorrected",
+    "scale_by_lora_pro",
+    "scale_by_lora_pro_adam",
+    "scale_by_lora_rite",
     "scale_by_riemannian_preconditioner",
+    "scale_by_solora",
     "scale_lora_b",
     "scaled_adamw",
     "scaled_sgd",
+    "solora_adamw",
+    "solora_sgd",
+    "spectral_init",
+    "spectral_init_pairs",
+    "state_shardings",
+    "value_and_full_grads",
+    "zero_probes",
 ]

@@ -33,6 +33,14 @@ CASES: list[OptimizerCase] = [
     OptimizerCase("scaled_sgd", functools.partial(lox.scaled_sgd, delta=1e-6), 0.5),
     OptimizerCase("scaled_adamw", functools.partial(lox.scaled_adamw, delta=1e-6), 3e-2),
     OptimizerCase("lora_plus", functools.partial(lox.lora_plus, ratio=4.0), 1e-2),
+    OptimizerCase("solora_sgd", lox.solora_sgd, 1e-2, needs_full_grads=True),
+    OptimizerCase("solora_adamw", lox.solora_adamw, 1e-2, needs_full_grads=True),
+    OptimizerCase("lora_pro_sgd", lox.lora_pro_sgd, 0.3),
+    OptimizerCase("lora_pro", lox.lora_pro, 1e-2),
+    OptimizerCase("ilora", lox.ilora, 1e-2),
+    OptimizerCase("pilora", lox.pilora, 1e-2),
+    OptimizerCase("lora_one", lox.lora_one, 1e-2),
+    OptimizerCase("lora_rite", lox.lora_rite, 3e-2),
     # Further optimizers add their case here.
 ]
 

@@ -138,17 +138,22 @@ def _cholesky(m: jax.Array) -> jax.Array:
 def solve_right_spd(g: jax.Array, m: jax.Array, delta: Any) -> jax.Array:
     """``g (M + δI)⁻¹`` for batched ``g (*batch, k, r)`` and SPD ``M (*batch, r, r)``.
 
-    Cholesky factorisation and two triangular solves; no inverse is formed. The
-    result is in the compute dtype (float32+).
+    Cholesky factorisation ``M + δI = L Lᵀ``; the r×r triangular factor is inverted
+    by a triangular solve against the identity, and ``g`` (whose long axis ``k`` may
+    be sharded) meets only two matmuls, ``(g L⁻ᵀ) L⁻¹``. A ``triangular_solve``
+    with ``g`` itself as right-hand side would be all-gathered along ``k`` by XLA's
+    SPMD partitioner (a whole factor-sized array on every device); the matmuls
+    partition over any sharding. Inverting the well-conditioned triangular factor
+    (never ``M`` itself) keeps the accuracy of substitution. The result is in the
+    compute dtype (float32+).
     """
     ct = compute_dtype(jnp.result_type(g, m))
     m = m.astype(ct)
     chol = _cholesky(m + jnp.asarray(delta, ct) * eye_like(m))
-    # g (L Lᵀ)⁻¹: solve X Lᵀ... written as right-side triangular solves.
-    y = jax.lax.linalg.triangular_solve(
-        chol, g.astype(ct), left_side=False, lower=True, transpose_a=True
-    )
-    return jax.lax.linalg.triangular_solve(chol, y, left_side=False, lower=True)
+    ident = jnp.zeros_like(chol) + jnp.eye(chol.shape[-1], dtype=ct)  # keeps batch sharding
+    l_inv = jax.lax.linalg.triangular_solve(chol, ident, left_side=True, lower=True)
+    y = jnp.einsum("...kr,...sr->...ks", g.astype(ct), l_inv)  # g L⁻ᵀ
+    return jnp.einsum("...ks,...st->...kt", y, l_inv)  # (g L⁻ᵀ) L⁻¹
 
 
 def solve_left_spd(m: jax.Array, g: jax.Array, delta: Any) -> jax.Array:
@@ -226,3 +231,223 @@ def zeros_like_param(x: Any, dtype: Any = None) -> Any:
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, jax.core.Tracer))
+
+
+# ---------------------------------------------------------------------------------------
+# Full-weight-sized (m×n) arrays: full gradients and their moments (SoLoRA, LoRA-Pro).
+# ---------------------------------------------------------------------------------------
+
+
+def full_grad_matrix(pair: LoRAPair, g: jax.Array) -> jax.Array:
+    """A full gradient in kernel form ``(*batch, *in, *out)`` or matrix form
+    ``(*batch, m, n)`` viewed as ``(*batch, m, n)``."""
+    k = pair.batch_ndim
+    if g.ndim == k + 2:
+        return g
+    m = math.prod(g.shape[k : k + pair.in_ndim])
+    return _reshape(g, g.shape[:k] + (m, math.prod(g.shape[k + pair.in_ndim :])), k)
+
+
+def sharding_spec(x: Any) -> tuple[Any, ...] | None:
+    """The partition spec of ``x`` padded to its rank (None when not a NamedSharding)."""
+    sharding = _explicit_sharding(x) if _is_array(x) else None
+    if sharding is None:
+        sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return None
+    return _spec(sharding, len(x.shape))
+
+
+def _dedupe_spec(spec: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drops mesh axes that an earlier array axis already uses (a spec may use each once)."""
+    used: set[str] = set()
+    out: list[Any] = []
+    for entry in spec:
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        if any(n in used for n in names):
+            out.append(None)
+        else:
+            used.update(names)
+            out.append(entry)
+    return tuple(out)
+
+
+def zeros_with_spec(shape: tuple[int, ...], dtype: Any, like: Any, spec: Any) -> Any:
+    """Zeros of ``shape`` partitioned by ``spec`` over the mesh of ``like``.
+
+    For state whose shape derives from a parameter's (a vector over A's input axes, a
+    full m×n moment over A's and B's axes): eager arrays get ``NamedSharding(mesh of
+    like, spec)``; under tracing with an explicit mesh the zeros are resharded to it;
+    otherwise (no mesh, or an Auto mesh under jit) plain zeros.
+    """
+    zeros = jnp.zeros(shape, dtype)
+    if spec is None:
+        return zeros
+    spec = PartitionSpec(*_dedupe_spec(tuple(spec)))
+    sharding = getattr(like, "sharding", None)
+    if isinstance(like, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+        explicit = _explicit_sharding(like) if _is_array(like) else None
+        if explicit is not None:
+            return jax.sharding.reshard(zeros, NamedSharding(explicit.mesh, spec))
+        if isinstance(sharding, NamedSharding):  # ShapeDtypeStruct with a sharding
+            return jax.device_put(zeros, NamedSharding(sharding.mesh, spec))
+        return zeros
+    return jax.device_put(zeros, NamedSharding(sharding.mesh, spec))
+
+
+def reshard_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """``x`` resharded to ``ref``'s explicit sharding (unchanged without one).
+
+    Used to bring a user-supplied array (a full gradient) onto the layout of the state
+    it is combined with, and to keep state layouts fixed from step to step.
+    """
+    sharding = _explicit_sharding(ref)
+    if sharding is None:
+        return x
+    return jax.sharding.reshard(x, sharding)
+
+
+def contract_like(subscripts: str, x: jax.Array, y: jax.Array, like: jax.Array) -> jax.Array:
+    """``einsum(subscripts, x, y)`` in float32+, its result sharded like ``like``.
+
+    For contractions over a long (possibly sharded) axis whose result is factor-sized,
+    e.g. ``M Bᵀ`` (m×r, sharded like A's matrix view) or ``Aᵀ M`` (r×n, like B's).
+    """
+    ct = compute_dtype(jnp.result_type(x, y))
+    return jnp.einsum(subscripts, x.astype(ct), y.astype(ct), out_sharding=_explicit_sharding(like))
+
+
+def safe_damping(m: jax.Array, delta: Any, *, rel: float = 1.0) -> jax.Array:
+    """``δ + rel·ε·tr(M)`` shaped ``(*batch, 1, 1)``, for :func:`solve_right_spd` & co.
+
+    A symmetric PSD ``M`` formed in floating point can be indefinite by about
+    ``ε‖M‖`` (ε the dtype's machine epsilon), and a fixed ``δ`` that is small
+    against ``‖M‖`` then lets the Cholesky factorisation fail (NaN) for
+    ill-conditioned factors. The relative floor ``rel·ε·tr(M) ≥ rel·ε‖M‖₂`` keeps
+    ``M + δI`` numerically positive definite; in float64 it is below 1e-14 relative.
+    """
+    ct = compute_dtype(m.dtype)
+    tr = jnp.trace(m.astype(ct), axis1=-2, axis2=-1)
+    floor = rel * jnp.finfo(ct).eps * jnp.maximum(tr, 0.0)
+    return (jnp.asarray(delta, ct) + floor)[..., None, None]
+
+
+# ---------------------------------------------------------------------------------------
+# Batching many pairs: grouping same-shape pairs, stacking along one leading axis, and the
+# r×r numerics of LoRA-RITE (pseudo-inverse square roots, unclamped inverse roots).
+# ---------------------------------------------------------------------------------------
+
+
+def group_pairs(pairs: Any, tree: Any) -> tuple[tuple[LoRAPair, ...], ...]:
+    """Groups pairs whose factors agree in shape, dtype, sharding and geometry.
+
+    Pairs of one group can be stacked along a new leading axis and processed as one
+    batched pair (:func:`stack_leading`), so a model with many identical layers
+    compiles to one batched computation per distinct layer shape rather than one per
+    layer. Order is kept (groups in order of first appearance, pairs in input order).
+
+    Args:
+      pairs: the :class:`LoRAPair` s.
+      tree: the tree holding the factors (or a :class:`~lora_optax.LeafIndex` of it).
+
+    Returns:
+      A tuple of groups, each a tuple of pairs.
+    """
+    from lora_optax._src.pairs import LeafIndex
+
+    index = tree if isinstance(tree, LeafIndex) else LeafIndex(tree)
+    groups: dict[Any, list[LoRAPair]] = {}
+    for p in pairs:
+        a, b = index[p.a_path], index[p.b_path]
+        key = (
+            tuple(a.shape),
+            tuple(b.shape),
+            str(a.dtype),
+            str(b.dtype),
+            sharding_spec(a),
+            sharding_spec(b),
+            p.rank,
+            p.batch_ndim,
+            p.in_ndim,
+            p.out_ndim,
+            p.scale,
+        )
+        groups.setdefault(key, []).append(p)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def replicate(x: jax.Array) -> jax.Array:
+    """``x`` fully replicated over its explicit mesh (unchanged without one).
+
+    For small (r×r) arrays that are about to be merged with arrays of other pairs.
+    """
+    sharding = _explicit_sharding(x) if _is_array(x) else None
+    if sharding is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+def reshard_rr(w: jax.Array, like: jax.Array, batch_ndim: int) -> jax.Array:
+    """An r×r-type array resharded as :func:`gram_cols` of ``like`` would be: batch axes
+    sharded like ``like``'s, the rest replicated (unchanged without an explicit mesh)."""
+    out = _rr_out_sharding(like, batch_ndim) if _is_array(like) else None
+    if out is None:
+        return w
+    return jax.sharding.reshard(w, out)
+
+
+def stack_leading(xs: Any, core_ndim: int) -> tuple[jax.Array, Any]:
+    """Stacks arrays ``(*lead_i, *core)`` (same core shape) into ``(Σ prod lead_i, *core)``.
+
+    Returns the stacked array and ``unstack(y)``, which splits an array ``(N, *core')``
+    computed from it back into a list of ``(*lead_i, *core')``. A single array is
+    reshaped, not copied.
+    """
+    xs = list(xs)
+    leads = [tuple(x.shape[: x.ndim - core_ndim]) for x in xs]
+    sizes = [math.prod(lead) for lead in leads]
+    flat = [_reshape(x, (s,) + tuple(x.shape[x.ndim - core_ndim :]), 0) for x, s in zip(xs, sizes)]
+    stacked = flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
+
+    def unstack(y: jax.Array) -> list[jax.Array]:
+        if len(xs) == 1:
+            parts = [y]
+        else:
+            offsets = [sum(sizes[:i]) for i in range(1, len(sizes))]
+            parts = jnp.split(y, offsets, axis=0)
+        return [_reshape(p, lead + tuple(y.shape[1:]), 0) for p, lead in zip(parts, leads)]
+
+    return stacked, unstack
+
+
+def pinv_sqrt_psd(k: jax.Array, *, rtol: Any = None) -> jax.Array:
+    """Pseudo-inverse of the square root of a symmetric PSD ``K`` (eigh).
+
+    ``U diag(λ⁻½ if λ > rtol·λ_max else 0) Uᵀ``. For a Gram matrix ``K = XᵀX`` this is
+    ``R⁺`` for the polar factor ``R = K½`` (``X = Q R`` with ``Q = X R⁺`` orthonormal on
+    the column space of ``X`` and zero elsewhere): the factor-free route to
+    ``X``'s "magnitude". ``K = 0`` gives 0. ``rtol`` defaults to ``r·ε`` of the compute
+    dtype (relative to the largest eigenvalue, i.e. a singular-value cut-off of
+    ``√(r·ε)``, the resolution of a Gram matrix formed in floating point).
+    """
+    ct = compute_dtype(k.dtype)
+    lam, u = jnp.linalg.eigh(symmetrize(k.astype(ct)))
+    if rtol is None:
+        rtol = k.shape[-1] * jnp.finfo(ct).eps
+    cut = jnp.asarray(rtol, ct) * jnp.max(lam, axis=-1, keepdims=True)
+    keep = lam > jnp.maximum(cut, jnp.finfo(ct).tiny)
+    d = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
+    return symmetrize(jnp.einsum("...ij,...j,...kj->...ik", u, d, u))
+
+
+def inv_root_eps_outside(m: jax.Array, eps: Any, shift: Any = 0.0) -> jax.Array:
+    """``U diag(1 / (√(λ + shift) + ε)) Uᵀ`` of a symmetric ``M``, WITHOUT clamping λ.
+
+    The LoRA-RITE reference behaviour: an eigenvalue that rounds below ``-shift``
+    gives NaN (callers zero non-finite results), unlike :func:`inv_sqrt_psd`, which
+    clamps. ``shift`` broadcasts against the eigenvalues ``(*batch, r)``.
+    """
+    ct = compute_dtype(m.dtype)
+    lam, u = jnp.linalg.eigh(symmetrize(m.astype(ct)))
+    d = 1.0 / (jnp.sqrt(lam + jnp.asarray(shift, ct)) + jnp.asarray(eps, ct))
+    return symmetrize(jnp.einsum("...ij,...j,...kj->...ik", u, d, u))

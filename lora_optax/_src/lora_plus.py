@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import optax
 
 from lora_optax._src import base
-from lora_optax._src.pairs import LeafIndex, PairSpec, resolve_pairs
+from lora_optax._src.pairs import (
+    LeafIndex,
+    PairSpec,
+    check_tree_match,
+    resolve_pairs,
+    with_input_checks,
+)
 
 
 def scale_lora_b(ratio: float, *, pairs: PairSpec = None) -> optax.GradientTransformation:
@@ -29,7 +35,8 @@ def scale_lora_b(ratio: float, *, pairs: PairSpec = None) -> optax.GradientTrans
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
-        del params
+        if params is not None:
+            check_tree_match(updates, params, what=what)
         u = LeafIndex(updates)
         new = {}
         for pair in resolve_pairs(pairs, updates, what=what):
@@ -95,9 +102,12 @@ def lora_plus(
     base.check_betas(b1=b1, b2=b2)
     base.check_non_negative(eps, "eps")
     base.check_non_negative(weight_decay, "weight_decay")
-    return optax.chain(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
-        optax.add_decayed_weights(weight_decay, mask),
-        scale_lora_b(ratio, pairs=pairs),
-        optax.scale_by_learning_rate(learning_rate),
+    return with_input_checks(
+        optax.chain(
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+            optax.add_decayed_weights(weight_decay, mask),
+            scale_lora_b(ratio, pairs=pairs),
+            optax.scale_by_learning_rate(learning_rate),
+        ),
+        "lora_plus",
     )

@@ -576,3 +576,66 @@ def full_grad_for_pair(
             f"{kernel} (A's non-rank axes, then B's) or its matrix form {matrix}."
         )
     return g
+
+
+# ---------------------------------------------------------------------------------------
+# Argument validation shared by every transformation's ``update``.
+# ---------------------------------------------------------------------------------------
+
+
+def check_tree_match(
+    updates: Any,
+    params: Any,
+    *,
+    what: str = "This transformation",
+    names: tuple[str, str] = ("updates", "params"),
+) -> None:
+    """Checks that ``updates`` and ``params`` have the same leaves with the same shapes.
+
+    Runs on Python-level structure only (also under ``jit``, at trace time), so a
+    gradient tree that does not match the parameters fails early with the first
+    offending path instead of an opaque broadcasting or reshape error deep inside an
+    update.
+
+    Raises:
+      ValueError: naming the first path present in one tree but not the other, or
+        whose shapes differ.
+    """
+    u, p = LeafIndex(updates), LeafIndex(params)
+    u_arrays = {path for path, x in u.items() if _is_array_like(x)}
+    p_arrays = {path for path, x in p.items() if _is_array_like(x)}
+    for missing, here, there in (
+        (sorted(u_arrays - p_arrays), names[0], names[1]),
+        (sorted(p_arrays - u_arrays), names[1], names[0]),
+    ):
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(
+                f"{what}: {here} has a leaf at {path_str(missing[0])}{more} that {there} "
+                f"lacks; {names[0]} and {names[1]} must have the same tree structure."
+            )
+    for path in u.paths:
+        if path in u_arrays and _shape(u[path]) != _shape(p[path]):
+            raise ValueError(
+                f"{what}: {names[0]} at {path_str(path)} has shape {_shape(u[path])} but "
+                f"{names[1]} has shape {_shape(p[path])}."
+            )
+
+
+def with_input_checks(
+    tx: optax.GradientTransformation, what: str
+) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose ``update`` first runs :func:`check_tree_match` on (updates, params).
+
+    For aliases whose first transformation does not look at ``params`` (e.g. an Adam
+    core), so that a gradient tree that does not match the parameters fails with the
+    offending path rather than a broadcasting error. The state is ``tx``'s own.
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is not None:
+            check_tree_match(updates, params, what=what)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -7,7 +7,14 @@ from typing import Any
 import optax
 
 from lora_optax._src import base, linalg
-from lora_optax._src.pairs import LeafIndex, LoRAPair, PairSpec, path_str, resolve_pairs
+from lora_optax._src.pairs import (
+    LeafIndex,
+    LoRAPair,
+    PairSpec,
+    check_tree_match,
+    path_str,
+    resolve_pairs,
+)
 
 
 def precondition_pair(
@@ -24,9 +31,17 @@ def precondition_pair(
     )
 
 
-def pair_params(pairs: tuple[LoRAPair, ...], params: Any, what: str) -> LeafIndex:
-    """Indexes ``params`` and checks every pair's factors are in it."""
+def pair_params(
+    pairs: tuple[LoRAPair, ...], params: Any, what: str, *, updates: Any = None
+) -> LeafIndex:
+    """Indexes ``params`` and checks every pair's factors are in it.
+
+    With ``updates`` given, also checks that ``updates`` and ``params`` have the same
+    leaves and shapes (:func:`lora_optax._src.pairs.check_tree_match`).
+    """
     base.require_params(params, what)
+    if updates is not None:
+        check_tree_match(updates, params, what=what)
     index = LeafIndex(params)
     for pair in pairs:
         for path in (pair.a_path, pair.b_path):
@@ -90,7 +105,7 @@ def scale_by_riemannian_preconditioner(
 
     def update_fn(updates, state, params=None):
         resolved = resolve_pairs(pairs, updates, what=what)
-        p = pair_params(resolved, params, what)
+        p = pair_params(resolved, params, what, updates=updates)
         u = LeafIndex(updates)
         new = {}
         for pair in resolved:
