@@ -274,3 +274,16 @@ def test_geometry_rejects_rank_above_dims(rank, m, n):
     else:
         with pytest.raises(ValueError, match="orientation"):
             infer_geometry(a_shape, b_shape)
+
+
+def test_explicit_pairs_address_variable_wrapped_and_pure_trees():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.LoRALinear(8, 6, lora_rank=2, rngs=nnx.Rngs(0))
+    pairs = [lox.LoRAPair(("lora", "lora_a"), ("lora", "lora_b"), rank=2, scale=0.5)]
+    optimizer = nnx.Optimizer(model, lox.scaled_adamw(1e-2, pairs=pairs), wrt=nnx.LoRAParam)
+    grads = nnx.grad(
+        lambda m: jnp.sum(m(jnp.ones((2, 8))) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)
+    )(model)
+    optimizer.update(model, grads)
+    wrapped = lox.resolve_pairs(pairs, nnx.state(model, nnx.LoRAParam))
+    assert wrapped[0].a_path == ("lora", "lora_a", "value") and wrapped[0].scale == 0.5

@@ -395,6 +395,7 @@ def resolve_pairs(
     else:
         pairs = _pairs_from_labels(spec, tree)
     index = LeafIndex(tree)
+    pairs = tuple(_rebase(pair, index) for pair in pairs)
     for pair in pairs:
         validate_pair(pair, index)
     # A tree with no array leaf at all (e.g. fully masked by optax.partition) is a no-op.
@@ -409,6 +410,29 @@ def resolve_pairs(
             "or pass `pairs=` explicitly."
         )
     return pairs
+
+
+def _rebase_path(path: Path, index: LeafIndex) -> Path:
+    """The same leaf seen with or without a variable wrapper key (nnx ``.../value``).
+
+    ``nnx.Optimizer`` initialises on variable-wrapped state but updates on pure arrays,
+    so one explicit pair spec must address both forms of the tree.
+    """
+    if path in index:
+        return path
+    if path and path[-1] in _WRAPPER_KEYS and path[:-1] in index:
+        return path[:-1]
+    for key in _WRAPPER_KEYS:
+        if (*path, key) in index:
+            return (*path, key)
+    return path
+
+
+def _rebase(pair: LoRAPair, index: LeafIndex) -> LoRAPair:
+    a_path, b_path = _rebase_path(pair.a_path, index), _rebase_path(pair.b_path, index)
+    if (a_path, b_path) == (pair.a_path, pair.b_path):
+        return pair
+    return dataclasses.replace(pair, a_path=a_path, b_path=b_path)
 
 
 def validate_pair(pair: LoRAPair, index: LeafIndex) -> None:
