@@ -73,6 +73,7 @@ def test_adamw_step_trains_only_lora_and_compiles_once():
     assert losses[-1] < losses[0]
     assert int(opt.step[...]) == 6
     assert step.traces == 1
+    assert step.cache["fn"]._cache_size() == 1  # compiled once, not once per commit state
     frozen_after = jax.tree.map(np.asarray, nnx.state(model, train._FROZEN))
     jax.tree.map(np.testing.assert_array_equal, frozen_before, frozen_after)
 

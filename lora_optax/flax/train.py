@@ -298,6 +298,22 @@ def _replicate_stragglers(node: Any, mesh: Any) -> None:
     nnx.update(node, jax.tree.map(put, nnx.as_pure(state)))
 
 
+def _commit(graph: Any) -> None:
+    """Commits every array to its current sharding.
+
+    jit keys its cache on whether arguments are committed: the step's outputs are, so
+    without this a model created on the default device would compile a second time
+    at its second step.
+    """
+    state = nnx.state(graph)
+    nnx.update(
+        graph,
+        jax.tree.map(
+            lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x, state
+        ),
+    )
+
+
 def _shardings(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else None, tree)
 
@@ -342,6 +358,7 @@ def make_train_step(
 
     def build(model, optimizer):
         _replicate_stragglers((model, optimizer), mesh)
+        _commit((model, optimizer))
         plan = FullGradPlan.from_model(model, pairs) if full_grads else None
         graphdef, _, mutable = nnx.split((model, optimizer), _FROZEN, ...)  # type: ignore[misc]
 
