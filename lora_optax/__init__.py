@@ -21,7 +21,14 @@ from lora_optax._src.lora_pro import (
     scale_by_lora_pro,
     scale_by_lora_pro_adam,
 )
-from lora_optax._src.lora_rite import ScaleByLoRARiteState, lora_rite, scale_by_lora_rite
+from lora_optax._src.lora_rite import (
+    LoRARiteGroupState,
+    ScaleByLoRARiteState,
+    lora_rite,
+    lora_rite_factor_state,
+    lora_rite_groups,
+    scale_by_lora_rite,
+)
 from lora_optax._src.pairs import (
     LeafIndex,
     LoRAPair,
@@ -51,6 +58,7 @@ __all__ = [
     "ImbalanceRegularizationState",
     "LeafIndex",
     "LoRAPair",
+    "LoRARiteGroupState",
     "ScaleByLoRAProAdamState",
     "ScaleByLoRARiteState",
     "ScaleBySoLoRAState",
@@ -62,6 +70,8 @@ __all__ = [
     "lora_one",
     "lora_plus",
     "lora_rite",
+    "lora_rite_factor_state",
+    "lora_rite_groups",
     "lora_pro",
     "lora_pro_sgd",
     "make_pair",

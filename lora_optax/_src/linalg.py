@@ -131,8 +131,41 @@ def eye_like(m: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
 
 
+def on_replicated_batch(fn: Any, *xs: jax.Array) -> Any:
+    """``fn(*xs)`` for r×r routines (cholesky, eigh, triangular_solve) on operands
+    whose batch (stacked-layer) axes may be explicitly sharded.
+
+    jax's decompositions reject explicitly sharded batch axes; the (tiny) r×r stacks
+    are replicated for the call and every result is resharded to the first operand's
+    batch sharding (trailing axes replicated). Without explicit sharding, ``fn(*xs)``.
+    """
+    s0 = _explicit_sharding(xs[0])
+    shardings = [_explicit_sharding(x) for x in xs]
+    if all(s is None or all(p is None for p in _spec(s, x.ndim)) for s, x in zip(shardings, xs)):
+        return fn(*xs)
+    replicated = [
+        x if s is None else jax.sharding.reshard(x, NamedSharding(s.mesh, PartitionSpec()))
+        for x, s in zip(xs, shardings)
+    ]
+    out = fn(*replicated)
+    if s0 is None:
+        return out
+    batch = _spec(s0, xs[0].ndim)[: xs[0].ndim - 2]
+
+    def back(o: jax.Array) -> jax.Array:
+        spec = batch[: o.ndim] + (None,) * max(o.ndim - len(batch), 0)
+        return jax.sharding.reshard(o, NamedSharding(s0.mesh, PartitionSpec(*spec)))
+
+    return jax.tree.map(back, out)
+
+
+def eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.eigh`` that also runs on explicitly batch-sharded r×r stacks."""
+    return on_replicated_batch(jnp.linalg.eigh, m)
+
+
 def _cholesky(m: jax.Array) -> jax.Array:
-    return jnp.linalg.cholesky(m)
+    return on_replicated_batch(jnp.linalg.cholesky, m)
 
 
 def solve_right_spd(g: jax.Array, m: jax.Array, delta: Any) -> jax.Array:
@@ -151,7 +184,11 @@ def solve_right_spd(g: jax.Array, m: jax.Array, delta: Any) -> jax.Array:
     m = m.astype(ct)
     chol = _cholesky(m + jnp.asarray(delta, ct) * eye_like(m))
     ident = jnp.zeros_like(chol) + jnp.eye(chol.shape[-1], dtype=ct)  # keeps batch sharding
-    l_inv = jax.lax.linalg.triangular_solve(chol, ident, left_side=True, lower=True)
+    l_inv = on_replicated_batch(
+        lambda c, i: jax.lax.linalg.triangular_solve(c, i, left_side=True, lower=True),
+        chol,
+        ident,
+    )
     y = jnp.einsum("...kr,...sr->...ks", g.astype(ct), l_inv)  # g L⁻ᵀ
     return jnp.einsum("...ks,...st->...kt", y, l_inv)  # (g L⁻ᵀ) L⁻¹
 
@@ -170,7 +207,7 @@ def inv_sqrt_psd(m: jax.Array, *, eps: Any = 0.0, shift: Any = 0.0) -> jax.Array
     reference code does).
     """
     ct = compute_dtype(m.dtype)
-    lam, u = jnp.linalg.eigh(symmetrize(m.astype(ct)))
+    lam, u = eigh(symmetrize(m.astype(ct)))
     lam = jnp.maximum(lam + jnp.asarray(shift, ct), 0.0)
     d = 1.0 / (jnp.sqrt(lam) + jnp.asarray(eps, ct))
     return jnp.einsum("...ij,...j,...kj->...ik", u, d, u)
@@ -185,8 +222,8 @@ def solve_sylvester_sym(p: jax.Array, q: jax.Array, c: jax.Array) -> jax.Array:
     minimum-norm choice 0 is taken there.
     """
     ct = compute_dtype(jnp.result_type(p, q, c))
-    a, u = jnp.linalg.eigh(symmetrize(p.astype(ct)))
-    b, v = jnp.linalg.eigh(symmetrize(q.astype(ct)))
+    a, u = eigh(symmetrize(p.astype(ct)))
+    b, v = eigh(symmetrize(q.astype(ct)))
     ct_c = _mt(u) @ c.astype(ct) @ v
     denom = a[..., :, None] + b[..., None, :]
     tiny = jnp.finfo(ct).eps * jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b)))
@@ -431,7 +468,7 @@ def pinv_sqrt_psd(k: jax.Array, *, rtol: Any = None) -> jax.Array:
     ``√(r·ε)``, the resolution of a Gram matrix formed in floating point).
     """
     ct = compute_dtype(k.dtype)
-    lam, u = jnp.linalg.eigh(symmetrize(k.astype(ct)))
+    lam, u = eigh(symmetrize(k.astype(ct)))
     if rtol is None:
         rtol = k.shape[-1] * jnp.finfo(ct).eps
     cut = jnp.asarray(rtol, ct) * jnp.max(lam, axis=-1, keepdims=True)
@@ -448,6 +485,37 @@ def inv_root_eps_outside(m: jax.Array, eps: Any, shift: Any = 0.0) -> jax.Array:
     clamps. ``shift`` broadcasts against the eigenvalues ``(*batch, r)``.
     """
     ct = compute_dtype(m.dtype)
-    lam, u = jnp.linalg.eigh(symmetrize(m.astype(ct)))
+    lam, u = eigh(symmetrize(m.astype(ct)))
     d = 1.0 / (jnp.sqrt(lam + jnp.asarray(shift, ct)) + jnp.asarray(eps, ct))
     return symmetrize(jnp.einsum("...ij,...j,...kj->...ik", u, d, u))
+
+
+def gram_factor_pinv(k: jax.Array, *, rtol: Any = None) -> jax.Array:
+    """``R⁺`` for SOME factor ``R`` with ``RᵀR = K`` (``K = XᵀX``, batched r×r).
+
+    Fast path: the Cholesky factor ``R = Lᵀ`` (the ``R`` of a QR decomposition of
+    ``X`` with a non-negative diagonal), inverted by a triangular solve. When any
+    matrix of the batch is numerically rank deficient (a Cholesky pivot at or below
+    ``rtol·tr K``, or non-finite), the whole batch takes :func:`pinv_sqrt_psd`
+    instead (the polar factor's pseudo-inverse), inside one ``lax.cond``. Both are
+    valid "magnitudes" of ``X`` (``X R⁺`` is orthonormal on the column space of
+    ``X``); they differ by an r×r rotation, which basis-independent algorithms such
+    as LoRA-RITE do not see.
+    """
+    ct = compute_dtype(k.dtype)
+    k = symmetrize(k.astype(ct))
+    if rtol is None:
+        rtol = k.shape[-1] * jnp.finfo(ct).eps
+    chol = jnp.linalg.cholesky(k)
+    pivots = jnp.diagonal(chol, axis1=-2, axis2=-1) ** 2
+    floor = jnp.asarray(rtol, ct) * jnp.trace(k, axis1=-2, axis2=-1)[..., None]
+    ok = jnp.all(jnp.isfinite(chol)) & jnp.all(pivots > jnp.maximum(floor, jnp.finfo(ct).tiny))
+
+    def cholesky_path(chol):
+        eye = eye_like(chol)
+        # R = Lᵀ, R⁻¹ = L⁻ᵀ: solve Lᵀ Y = I.
+        return jax.lax.linalg.triangular_solve(
+            chol, eye, left_side=True, lower=True, transpose_a=True
+        )
+
+    return jax.lax.cond(ok, cholesky_path, lambda _: pinv_sqrt_psd(k, rtol=rtol), chol)

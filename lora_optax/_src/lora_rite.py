@@ -35,26 +35,49 @@ from lora_optax._src.riemannian import pair_params
 _BASES = ("gram", "qr")
 
 
+class LoRARiteGroupState(NamedTuple):
+    """LoRA-RITE state of one group of same-shape pairs, stacked along axis 0.
+
+    ``N`` is the group's number of pairs times their stacked layers, in the order of
+    :func:`lora_rite_groups` (pairs in order, each pair's layers row-major).
+
+    Attributes:
+      mu_a: ``(N, m, r)`` unmagnified first moments ``M̄_A`` (basis of ``B``'s ``Q``).
+      mu_b: ``(N, r, n)`` unmagnified first moments of ``B``, in ``B``'s layout
+        (``M̄_Bᵀ`` of the rank-last view).
+      prev_a, prev_b: what the next basis change needs: the factors at the last step
+        (``basis="gram"``), or their ``Q`` (``"qr"``; ``Q_Bᵀ`` in ``B``'s layout);
+        zeros before the first step.
+      v: ``(2N, r, r)`` unmagnified second moments ``V̄``: rows ``[0, N)`` of the
+        ``A`` factors, ``[N, 2N)`` of the ``B`` factors. Float32 or wider.
+      rinv: ``(2N, r, r)`` pseudo-inverses ``R⁺`` at the last step (``"gram"``), or
+        ``optax.MaskedNode()`` (``"qr"``).
+      rho: ``(2N,)`` escaped masses ``ρ`` (zeros unless ``escape_mass``).
+    """
+
+    mu_a: jax.Array
+    mu_b: jax.Array
+    prev_a: jax.Array
+    prev_b: jax.Array
+    v: jax.Array
+    rinv: Any
+    rho: jax.Array
+
+
 class ScaleByLoRARiteState(NamedTuple):
     """State of :func:`scale_by_lora_rite`.
 
-    The trees ``mu``, ``nu``, ``prev``, ``prev_rinv`` and ``rho`` mirror the params
-    tree (so their shardings follow the params'); at leaves outside any pair the last
-    three hold ``optax.MaskedNode()``.
-
     Attributes:
       count: number of steps taken (int32); the 0-based step ``k`` of β̂.
-      mu: at each factor, its unmagnified first moment ``M̄`` in the factor's own layout
-        (A-shaped for ``A``, B-shaped for ``B``), expressed in the basis of the other
-        factor at the last step; at other leaves Adam's first moment.
-      nu: at each factor, the r×r unmagnified second moment ``V̄`` (``(*batch, r, r)``,
-        float32+); at other leaves Adam's second moment.
-      prev: at each factor, what the next step's basis change needs: the factor itself
-        at the last step (``basis="gram"``) or the ``Q`` of its QR decomposition in
-        the factor's layout (``basis="qr"``); zeros before the first step.
-      prev_rinv: ``basis="gram"`` only: the r×r pseudo-inverse ``R⁺`` of the factor at
-        the last step (``(*batch, r, r)``); ``MaskedNode`` for ``basis="qr"``.
-      rho: escaped mass ``ρ`` per factor (``(*batch,)``; zeros unless ``escape_mass``).
+      mu: params-like tree: Adam's first moment at leaves outside any pair,
+        ``optax.MaskedNode()`` at LoRA factors.
+      nu: params-like tree: Adam's second moment at leaves outside any pair,
+        ``optax.MaskedNode()`` at LoRA factors.
+      groups: one :class:`LoRARiteGroupState` per group of pairs (see
+        :func:`lora_rite_groups`; use :func:`lora_rite_factor_state` to read the state
+        of one factor). Keeping same-shape pairs stacked lets one update run a few
+        batched kernels instead of several per factor, and the stacked factors of
+        this step become the next step's ``prev`` without a copy.
       n_skipped: cumulative number of factor updates dropped by the skip test (one
         count per factor and stacked layer), int32.
       grad_norm: global norm of the unmagnified gradients at the last step, after the
@@ -64,9 +87,7 @@ class ScaleByLoRARiteState(NamedTuple):
     count: jax.Array
     mu: Any
     nu: Any
-    prev: Any
-    prev_rinv: Any
-    rho: Any
+    groups: tuple[LoRARiteGroupState, ...]
     n_skipped: jax.Array
     grad_norm: jax.Array
 
@@ -82,45 +103,77 @@ def _mt(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -1, -2)
 
 
-def _pair_ct(pair: LoRAPair, index: LeafIndex) -> Any:
-    return linalg.compute_dtype(jnp.result_type(index[pair.a_path], index[pair.b_path]))
+def lora_rite_groups(
+    pairs: tuple[LoRAPair, ...], tree: Any, *, stack_pairs: bool = True
+) -> tuple[tuple[LoRAPair, ...], ...]:
+    """The groups of pairs whose state :func:`scale_by_lora_rite` stacks together
+    (:func:`lora_optax._src.linalg.group_pairs`, or one group per pair)."""
+    if stack_pairs:
+        return linalg.group_pairs(pairs, tree)
+    return tuple((p,) for p in pairs)
 
 
-class _Unit:
-    """One pair, or a group of same-shape pairs stacked along a leading axis.
+def _stack(group: tuple[LoRAPair, ...], index: LeafIndex, role: str) -> tuple[jax.Array, Any]:
+    """The group's factors (role "a" or "b") as ``(N, m, r)`` / ``(N, r, n)``."""
+    if role == "a":
+        xs = [linalg.a_matrix(p, index[p.a_path]) for p in group]
+    else:
+        xs = [linalg.b_matrix(p, index[p.b_path]) for p in group]
+    return linalg.stack_leading(xs, 2)
 
-    All factor views are ``(N, m, r)`` / ``(N, r, n)``, ``N`` the number of pairs times
-    their stacked layers; r×r statistics are ``(N, r, r)``.
+
+def lora_rite_factor_state(
+    state: ScaleByLoRARiteState,
+    params: Any,
+    *,
+    pairs: PairSpec = None,
+    stack_pairs: bool = True,
+) -> dict[str, dict[str, jax.Array]]:
+    """The LoRA-RITE state of every factor, unstacked, keyed by the factor's path.
+
+    Args:
+      state: a :class:`ScaleByLoRARiteState` (e.g. ``opt_state[0]`` of
+        :func:`lora_rite`).
+      params: the params (or a tree of the same structure and shapes).
+      pairs, stack_pairs: as given to :func:`scale_by_lora_rite`.
+
+    Returns:
+      ``{"path/of/factor": {"mu": ..., "prev": ..., "v": ..., "rinv": ..., "rho":
+      ...}}`` with ``mu``/``prev`` in the factor's shape, ``v``/``rinv`` of shape
+      ``(*batch, r, r)`` and ``rho`` of shape ``(*batch,)`` (``rinv`` absent for
+      ``basis="qr"``).
     """
-
-    def __init__(self, pairs: tuple[LoRAPair, ...]):
-        self.pairs = pairs
-        self.rank = pairs[0].rank
-
-    def stack(self, index: LeafIndex, role: str) -> jax.Array:
-        if role == "a":
-            xs = [linalg.a_matrix(p, index[p.a_path]) for p in self.pairs]
-        else:
-            xs = [linalg.b_matrix(p, index[p.b_path]) for p in self.pairs]
-        out, self._unstack = linalg.stack_leading(xs, 2)
-        return out
-
-    def stack_rr(self, index: LeafIndex, role: str, core_ndim: int) -> jax.Array:
-        xs = [index[p.a_path if role == "a" else p.b_path] for p in self.pairs]
-        return linalg.stack_leading([linalg.replicate(x) for x in xs], core_ndim)[0]
-
-    def unstack(self, y: jax.Array) -> list[jax.Array]:
-        return self._unstack(y)
-
-    def unstack_rr(self, y: jax.Array, index: LeafIndex, role: str, core_ndim: int) -> dict:
-        refs = [index[p.a_path if role == "a" else p.b_path] for p in self.pairs]
-        _, unstack = linalg.stack_leading(refs, core_ndim)
-        out = {}
-        for p, ref, part in zip(self.pairs, refs, unstack(y)):
-            out[p.a_path if role == "a" else p.b_path] = linalg.reshard_like(
-                part.astype(ref.dtype), ref
-            )
-        return out
+    resolved = resolve_pairs(pairs, params, what="lora_rite_factor_state")
+    index = LeafIndex(params)
+    out: dict[str, dict[str, jax.Array]] = {}
+    groups = lora_rite_groups(resolved, index, stack_pairs=stack_pairs)
+    for group, gs in zip(groups, state.groups):
+        n = gs.mu_a.shape[0]
+        for role in ("a", "b"):
+            _, unstack = _stack(group, index, role)
+            sl = slice(0, n) if role == "a" else slice(n, 2 * n)
+            fields = {
+                "mu": unstack(gs.mu_a if role == "a" else gs.mu_b),
+                "prev": unstack(gs.prev_a if role == "a" else gs.prev_b),
+                "v": unstack(gs.v[sl]),
+                "rho": unstack(gs.rho[sl][:, None, None]),
+            }
+            if not isinstance(gs.rinv, optax.MaskedNode):
+                fields["rinv"] = unstack(gs.rinv[sl])
+            for i, pair in enumerate(group):
+                path = pair.a_path if role == "a" else pair.b_path
+                shape = index[path].shape
+                k = pair.batch_ndim
+                entry = {
+                    "mu": linalg.from_matrix(fields["mu"][i], shape, pair),
+                    "prev": linalg.from_matrix(fields["prev"][i], shape, pair),
+                    "v": fields["v"][i],
+                    "rho": fields["rho"][i].reshape(tuple(shape[:k])),
+                }
+                if "rinv" in fields:
+                    entry["rinv"] = fields["rinv"][i]
+                out["/".join(path)] = entry
+    return out
 
 
 def scale_by_lora_rite(
@@ -132,7 +185,7 @@ def scale_by_lora_rite(
     skip_threshold: float = 1.0,
     escape_mass: bool = False,
     basis: str = "gram",
-    stack_pairs: bool = False,
+    stack_pairs: bool = True,
     mu_dtype: Any = None,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformation:
@@ -253,49 +306,37 @@ def scale_by_lora_rite(
     def init_fn(params):
         resolved = resolve_pairs(pairs, params, what=what)
         index = LeafIndex(params)
-        roles = {}
-        for pair in resolved:
-            roles[pair.a_path] = pair
-            roles[pair.b_path] = pair
+        factors = {p.a_path for p in resolved} | {p.b_path for p in resolved}
         masked = optax.MaskedNode()
-
-        def mu(path, x):
-            return linalg.zeros_like_param(x, mu_dtype)
-
-        def nu(path, x):
-            if path not in roles:
-                return linalg.zeros_like_param(x)
-            pair = roles[path]
-            k, r = pair.batch_ndim, pair.rank
-            return linalg.replicated_zeros(
-                tuple(x.shape[:k]) + (r, r), _pair_ct(pair, index), like=x, batch_ndim=k
+        zeros = LeafIndex(index.map(lambda path, x: linalg.zeros_like_param(x)))
+        mu_zeros = LeafIndex(index.map(lambda path, x: linalg.zeros_like_param(x, mu_dtype)))
+        groups = []
+        for group in lora_rite_groups(resolved, index, stack_pairs=stack_pairs):
+            ct = linalg.compute_dtype(
+                jnp.result_type(index[group[0].a_path], index[group[0].b_path])
             )
-
-        def prev(path, x):
-            return linalg.zeros_like_param(x) if path in roles else masked
-
-        def prev_rinv(path, x):
-            return nu(path, x) if path in roles and basis == "gram" else masked
-
-        def rho(path, x):
-            if path not in roles:
-                return masked
-            pair = roles[path]
-            k = pair.batch_ndim
-            return linalg.replicated_zeros(
-                tuple(x.shape[:k]), _pair_ct(pair, index), like=x, batch_ndim=k
+            prev_a = _stack(group, zeros, "a")[0]
+            n, r = prev_a.shape[0], group[0].rank
+            rr = linalg.replicated_zeros((2 * n, r, r), ct, like=prev_a, batch_ndim=0)
+            groups.append(
+                LoRARiteGroupState(
+                    mu_a=_stack(group, mu_zeros, "a")[0],
+                    mu_b=_stack(group, mu_zeros, "b")[0],
+                    prev_a=prev_a,
+                    prev_b=_stack(group, zeros, "b")[0],
+                    v=rr,
+                    rinv=rr if basis == "gram" else masked,
+                    rho=linalg.replicated_zeros((2 * n,), ct, like=prev_a, batch_ndim=0),
+                )
             )
-
         norm_dtype = jnp.float32
-        if resolved:
-            norm_dtype = jnp.result_type(*[_pair_ct(p, index) for p in resolved])
+        if groups:
+            norm_dtype = jnp.result_type(*[g.v.dtype for g in groups])
         return ScaleByLoRARiteState(
             count=jnp.zeros([], jnp.int32),
-            mu=index.map(mu),
-            nu=index.map(nu),
-            prev=index.map(prev),
-            prev_rinv=index.map(prev_rinv),
-            rho=index.map(rho),
+            mu=index.map(lambda path, x: masked if path in factors else mu_zeros[path]),
+            nu=index.map(lambda path, x: masked if path in factors else zeros[path]),
+            groups=tuple(groups),
             n_skipped=jnp.zeros([], jnp.int32),
             grad_norm=jnp.full([], jnp.nan, norm_dtype),
         )
@@ -304,98 +345,92 @@ def scale_by_lora_rite(
         resolved = resolve_pairs(pairs, updates, what=what)
         p_index = pair_params(resolved, params, what)
         g_index = LeafIndex(updates)
-        mu_index, nu_index = LeafIndex(state.mu), LeafIndex(state.nu)
-        prev_index, rinv_index = LeafIndex(state.prev), LeafIndex(state.prev_rinv)
-        rho_index = LeafIndex(state.rho)
         count = state.count
+        groups = lora_rite_groups(resolved, p_index, stack_pairs=stack_pairs)
+        if len(groups) != len(state.groups):
+            raise ValueError(
+                f"{what}: the state holds {len(state.groups)} pair groups but the tree "
+                f"has {len(groups)}; was the state initialised for another tree or "
+                "another stack_pairs setting?"
+            )
 
-        groups = linalg.group_pairs(resolved, p_index) if stack_pairs else [(p,) for p in resolved]
-        units = [_Unit(g) for g in groups]
-
-        # ---- 1. factor-sized pass: r×r statistics of every unit -------------------
-        stats = []
-        for u in units:
-            a, b = u.stack(p_index, "a"), u.stack(p_index, "b")
-            ga, gb = u.stack(g_index, "a"), u.stack(g_index, "b")
-            prev_a, prev_b = u.stack(prev_index, "a"), u.stack(prev_index, "b")
-            st = {
-                "a": a,
-                "b": b,
-                "ga": ga,
-                "gb": gb,
-                "g2_a": linalg.replicate(linalg.gram_cols(ga)),
-                "g2_b": linalg.replicate(linalg.gram_rows(gb)),
-                "v_a": u.stack_rr(nu_index, "a", 2),
-                "v_b": u.stack_rr(nu_index, "b", 2),
-                "rho_a": u.stack_rr(rho_index, "a", 0),
-                "rho_b": u.stack_rr(rho_index, "b", 0),
-            }
+        # ---- 1. factor-sized pass: stacked views and r×r statistics ---------------
+        work = []
+        for group, gs in zip(groups, state.groups):
+            a, unstack = _stack(group, p_index, "a")
+            b = _stack(group, p_index, "b")[0]
+            ga = _stack(group, g_index, "a")[0]
+            gb = _stack(group, g_index, "b")[0]
+            ct = linalg.compute_dtype(jnp.result_type(a, b))
+            w = {"group": group, "gs": gs, "a": a, "b": b, "ga": ga, "gb": gb}
+            w["unstack"], w["ct"] = unstack, jnp.dtype(ct)
+            w["g2"] = (linalg.gram_cols(ga), linalg.gram_rows(gb))
             if basis == "gram":
-                st["k_a"] = linalg.replicate(linalg.gram_cols(a))
-                st["k_b"] = linalg.replicate(linalg.gram_rows(b))
-                st["c_a"] = linalg.replicate(linalg.cross_gram_cols(a, prev_a))
-                st["c_b"] = linalg.replicate(linalg.cross_gram_rows(b, prev_b))
-                st["rprev_a"] = u.stack_rr(rinv_index, "a", 2)
-                st["rprev_b"] = u.stack_rr(rinv_index, "b", 2)
+                w["k"] = (linalg.gram_cols(a), linalg.gram_rows(b))
+                w["c"] = (
+                    linalg.cross_gram_cols(a, gs.prev_a),
+                    linalg.cross_gram_rows(b, gs.prev_b),
+                )
             else:
-                ct = linalg.compute_dtype(jnp.result_type(a, b))
                 q_a, r_a = jnp.linalg.qr(linalg.replicate(a).astype(ct))
                 q_b, r_b = jnp.linalg.qr(linalg.replicate(_mt(b)).astype(ct))
-                q_bt = _mt(q_b)
-                st["q_a"], st["q_bt"] = q_a, q_bt
-                st["r_a"], st["r_b"] = r_a, r_b
-                st["c_a"] = linalg.replicate(linalg.cross_gram_cols(q_a, prev_a))
-                st["c_b"] = linalg.replicate(linalg.cross_gram_rows(q_bt, prev_b))
-            stats.append(st)
+                w["q"] = (q_a, _mt(q_b))
+                w["r"] = (r_a, r_b)
+                w["c"] = (
+                    linalg.cross_gram_cols(q_a, gs.prev_a),
+                    linalg.cross_gram_rows(_mt(q_b), gs.prev_b),
+                )
+            work.append(w)
 
-        # ---- 2. r×r pass, batched over all units of one (rank, dtype) ---------------
-        by_rank: dict[Any, list[int]] = {}
-        for i, u in enumerate(units):
-            ct = linalg.compute_dtype(jnp.result_type(stats[i]["a"], stats[i]["b"]))
-            by_rank.setdefault((u.rank, jnp.dtype(ct)), []).append(i)
+        # ---- 2. r×r pass, batched over all groups of one (rank, dtype) -------------
+        # Layout of a batch: per group, its N A-factors then its N B-factors.
+        batches: dict[Any, list[dict]] = {}
+        for w in work:
+            batches.setdefault((w["group"][0].rank, w["ct"]), []).append(w)
 
-        def cat(key: str, members: list[int]) -> jax.Array:
-            xs = [stats[i][key] for i in members]
+        def cat(xs: list[jax.Array]) -> jax.Array:
+            xs = [linalg.replicate(x) for x in xs]
             return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-
-        def both(key: str, members: list[int]) -> jax.Array:
-            """A-side entries of all members, then B-side entries (F = 2N factors)."""
-            return jnp.concatenate([cat(key + "_a", members), cat(key + "_b", members)], 0)
-
-        def swap(x: jax.Array) -> jax.Array:
-            n = x.shape[0] // 2
-            return jnp.concatenate([x[n:], x[:n]], axis=0)
 
         rr = {}
         total_sq = []
-        for (rank, ct), members in by_rank.items():
-            g = {}
-            rows = []
-            for side in ("a", "b"):
-                for i in members:
-                    st = stats[i]
-                    n_i = st["a"].shape[0]
-                    dim = st["a"].shape[-2] if side == "a" else st["b"].shape[-1]
-                    rows.append(jnp.full((n_i,), dim, ct))
-            g["rows"] = jnp.concatenate(rows)
+        for key, members in batches.items():
+            rank, ct = key
+            sizes = [w["a"].shape[0] for w in members]
+            # Index of the other factor of the same pair, for every row of the batch.
+            other, rows, off = [], [], 0
+            for w, n in zip(members, sizes):
+                other += list(range(off + n, off + 2 * n)) + list(range(off, off + n))
+                rows += [w["a"].shape[-2]] * n + [w["b"].shape[-1]] * n
+                off += 2 * n
+            other_idx = jnp.asarray(other, jnp.int32)
+            rows_arr = jnp.asarray(rows, ct)
+
+            def both(name: str, members=members, ct=ct) -> jax.Array:
+                return cat([x for w in members for x in w[name]]).astype(ct)
+
+            def gather(x: jax.Array, other_idx=other_idx) -> jax.Array:
+                return jnp.take(x, other_idx, axis=0)
+
             if basis == "gram":
-                rinv = linalg.pinv_sqrt_psd(both("k", members).astype(ct))
-                rprev = both("rprev", members).astype(ct)
-                # Basis change of each factor's own Q: Q_newᵀ Q_prev = R⁺ᵀ (X_newᵀX_prev) R_prev⁺
-                p_own = _mt(rinv) @ both("c", members).astype(ct) @ rprev
+                rinv = linalg.gram_factor_pinv(both("k"))
+                rprev = cat([w["gs"].rinv for w in members]).astype(ct)
+                # Each factor's own basis change Q_newᵀ Q_prev = R⁺ᵀ (X_newᵀ X_prev) R_prev⁺.
+                p_own = _mt(rinv) @ both("c") @ rprev
             else:
-                rinv = jnp.linalg.pinv(both("r", members).astype(ct))
-                p_own = both("c", members).astype(ct)
-            rinv_o = swap(rinv)  # R⁺ of the OTHER factor of the pair
-            gg = _mt(rinv_o) @ both("g2", members).astype(ct) @ rinv_o  # Ḡᵀ Ḡ
+                rinv = jnp.linalg.pinv(both("r"))
+                p_own = both("c")
+            rinv_o = gather(rinv)  # R⁺ of the OTHER factor of the pair
+            p = gather(p_own)  # basis change of this factor's moments
+            gg = _mt(rinv_o) @ both("g2") @ rinv_o  # Ḡᵀ Ḡ
             sq = jnp.trace(gg, axis1=-2, axis2=-1)
-            rms = jnp.sqrt(sq / (g["rows"] * rank))
-            skip = ~jnp.isfinite(sq)
+            rms = jnp.sqrt(sq / (rows_arr * rank))
             thr = jnp.asarray(skip_threshold, ct)
-            skip = skip | ((thr > 0) & (rms > thr))
-            g.update(rinv=rinv, rinv_o=rinv_o, p=swap(p_own), gg=gg, skip=skip)
+            skip = ~jnp.isfinite(sq) | ((thr > 0) & (rms > thr))
             total_sq.append(jnp.sum(jnp.where(skip, 0.0, sq)).astype(state.grad_norm.dtype))
-            rr[(rank, ct)] = g
+            rr[key] = dict(
+                sizes=sizes, rinv=rinv, rinv_o=rinv_o, p=p, gg=gg, skip=skip, rows=rows_arr
+            )
 
         if total_sq:
             g_norm = jnp.sqrt(sum(total_sq[1:], total_sq[0]))
@@ -406,95 +441,91 @@ def scale_by_lora_rite(
         clip_factor = jnp.where(do_clip, clip / jnp.where(do_clip, g_norm, 1.0), 1.0)
 
         n_skipped = state.n_skipped
-        for (rank, ct), members in by_rank.items():
-            g = rr[(rank, ct)]
+        for key, members in batches.items():
+            rank, ct = key
+            g = rr[key]
             b1h = _adafactor_decay(b1, count, ct)
             b2h = _adafactor_decay(b2, count, ct)
-            keep = ~g["skip"]
-            scale = jnp.where(keep, clip_factor.astype(ct), 0.0)
-            v_old = both("v", members).astype(ct)
+            skip = g["skip"]
+            scale = jnp.where(skip, 0.0, clip_factor.astype(ct))
+            v_old = cat([w["gs"].v for w in members]).astype(ct)
             p = g["p"]
             v_rot = linalg.zero_nonfinite(linalg.symmetrize(p @ v_old @ _mt(p)))
-            rho_old = both("rho", members).astype(ct)
+            rho_old = cat([w["gs"].rho for w in members]).astype(ct)
             if escape_mass:
                 eig_old = jnp.linalg.eigvalsh(linalg.symmetrize(v_old))
                 eig_new = jnp.linalg.eigvalsh(v_rot)
                 eig_diff = jnp.maximum(jnp.max(eig_old - eig_new, axis=-1), 0.0)
-                tr_diff = jnp.maximum(
-                    jnp.trace(v_old, axis1=-2, axis2=-1) - jnp.trace(v_rot, axis1=-2, axis2=-1),
-                    0.0,
-                )
+                tr_old = jnp.trace(v_old, axis1=-2, axis2=-1)
+                tr_diff = jnp.maximum(tr_old - jnp.trace(v_rot, axis1=-2, axis2=-1), 0.0)
                 rho = b2h * (rho_old + jnp.minimum(eig_diff, tr_diff))
             else:
                 rho = jnp.zeros_like(rho_old)
             fresh = jnp.where(
-                keep[:, None, None],
-                (scale**2)[:, None, None] * g["gg"] / g["rows"][:, None, None],
+                skip[:, None, None],
                 0.0,
+                (scale**2 / g["rows"])[:, None, None] * g["gg"],
             )
             v_new = linalg.symmetrize(b2h * v_rot + (1.0 - b2h) * linalg.symmetrize(fresh))
             cinv = linalg.inv_root_eps_outside(v_new, eps, rho[:, None])
+            # g W₂ = (1-β̂₁)·c·S̄; a skipped factor has W₂ = 0. Non-finite S̄ entries → 0.
             w2 = linalg.zero_nonfinite(((1.0 - b1h) * scale)[:, None, None] * (g["rinv_o"] @ cinv))
-            g.update(w1=b1h * _mt(p), w2=w2, w3=_mt(g["rinv_o"]), v=v_new, rho=rho, keep=keep)
-            n_skipped = n_skipped + jnp.sum(g["skip"]).astype(jnp.int32)
-
-        # Split the r×r results back to units.
-        for (rank, ct), members in by_rank.items():
-            g = rr[(rank, ct)]
-            sizes = [stats[i]["a"].shape[0] for i in members]
-            offsets = []
-            o = 0
-            for side in ("a", "b"):
-                for i, s in zip(members, sizes):
-                    offsets.append((i, side, o, o + s))
-                    o += s
-            for key in ("w1", "w2", "w3", "v", "rho", "rinv", "keep"):
-                arr = g[key]
-                for i, side, lo, hi in offsets:
-                    stats[i][f"{key}_out_{side}"] = arr[lo:hi]
+            n_skipped = n_skipped + jnp.sum(skip).astype(jnp.int32)
+            # One array per group and quantity: split the batch back to groups.
+            off = 0
+            for w, n in zip(members, g["sizes"]):
+                sl = slice(off, off + 2 * n)
+                w["v_new"], w["rho_new"] = v_new[sl], rho[sl]
+                w["rinv_new"] = g["rinv"][sl]
+                for name, x in (("w1", b1h * _mt(p)), ("w2", w2), ("w3", _mt(g["rinv_o"]))):
+                    w[name] = (x[off : off + n], x[off + n : off + 2 * n])
+                off += 2 * n
 
         # ---- 3. factor-sized pass: moments and directions -------------------------
-        new_updates, new_mu, new_nu, new_prev, new_rinv, new_rho = {}, {}, {}, {}, {}, {}
-        for u, st in zip(units, stats):
-            ct = linalg.compute_dtype(jnp.result_type(st["a"], st["b"]))
-            for side in ("a", "b"):
-                w1, w2, w3 = (st[f"{k}_out_{side}"] for k in ("w1", "w2", "w3"))
-                keep = st[f"keep_out_{side}"][:, None, None]
-                g_x = st["g" + side]
-                x = st[side]
-                m_old = u.stack(mu_index, side)
-                w1 = linalg.reshard_rr(w1, x, 1)
-                w2 = linalg.reshard_rr(w2, x, 1)
-                w3 = linalg.reshard_rr(w3, x, 1)
-                if side == "a":
-                    fresh = jnp.where(keep, g_x.astype(ct) @ w2, 0.0)
-                    m_new = m_old.astype(ct) @ w1 + fresh
-                    direction = m_new @ w3
-                else:
-                    fresh = jnp.where(keep, _mt(w2) @ g_x.astype(ct), 0.0)
-                    m_new = _mt(w1) @ m_old.astype(ct) + fresh
-                    direction = _mt(w3) @ m_new
-                if basis == "gram":
-                    prev_new = x
-                else:
-                    prev_new = st["q_a"] if side == "a" else st["q_bt"]
-                for pair, d, m, pv in zip(
-                    u.pairs, u.unstack(direction), u.unstack(m_new), u.unstack(prev_new)
-                ):
-                    path = pair.a_path if side == "a" else pair.b_path
+        new_updates, new_groups = {}, []
+        for w in work:
+            gs, ct, group = w["gs"], w["ct"], w["group"]
+            w1a, w1b = w["w1"]
+            w2a, w2b = w["w2"]
+            w3a, w3b = w["w3"]
+            # A (N, m, r):  M̄ ← M̄ W₁ + g W₂;  direction = M̄ W₃.
+            mu_a = gs.mu_a.astype(ct) @ w1a + linalg.zero_nonfinite(w["ga"].astype(ct) @ w2a)
+            dir_a = mu_a @ w3a
+            # B in its own layout (N, r, n): the transposes of the rank-last formulas.
+            mu_b = _mt(w1b) @ gs.mu_b.astype(ct) + linalg.zero_nonfinite(
+                _mt(w2b) @ w["gb"].astype(ct)
+            )
+            dir_b = _mt(w3b) @ mu_b
+            for role, d in (("a", dir_a), ("b", dir_b)):
+                for pair, part in zip(group, w["unstack"](d)):
+                    path = pair.a_path if role == "a" else pair.b_path
                     grad = g_index[path]
-                    new_updates[path] = linalg.from_matrix(d, grad.shape, pair).astype(grad.dtype)
-                    ref = mu_index[path]
-                    new_mu[path] = linalg.from_matrix(m, ref.shape, pair).astype(ref.dtype)
-                    ref = prev_index[path]
-                    pv = linalg.from_matrix(pv, ref.shape, pair).astype(ref.dtype)
-                    new_prev[path] = linalg.reshard_like(pv, ref)
-                new_nu.update(u.unstack_rr(st[f"v_out_{side}"], nu_index, side, 2))
-                new_rho.update(u.unstack_rr(st[f"rho_out_{side}"], rho_index, side, 0))
-                if basis == "gram":
-                    new_rinv.update(u.unstack_rr(st[f"rinv_out_{side}"], rinv_index, side, 2))
+                    new_updates[path] = linalg.from_matrix(part, grad.shape, pair).astype(
+                        grad.dtype
+                    )
+            if basis == "gram":
+                prev_a, prev_b = w["a"], w["b"]
+            else:
+                prev_a, prev_b = w["q"]
+            new_groups.append(
+                LoRARiteGroupState(
+                    mu_a=mu_a.astype(gs.mu_a.dtype),
+                    mu_b=mu_b.astype(gs.mu_b.dtype),
+                    prev_a=linalg.reshard_like(prev_a.astype(gs.prev_a.dtype), gs.prev_a),
+                    prev_b=linalg.reshard_like(prev_b.astype(gs.prev_b.dtype), gs.prev_b),
+                    v=linalg.reshard_like(w["v_new"].astype(gs.v.dtype), gs.v),
+                    rinv=(
+                        linalg.reshard_like(w["rinv_new"].astype(gs.rinv.dtype), gs.rinv)
+                        if basis == "gram"
+                        else gs.rinv
+                    ),
+                    rho=linalg.reshard_like(w["rho_new"].astype(gs.rho.dtype), gs.rho),
+                )
+            )
 
         # ---- leaves outside any pair: Adam ----------------------------------------
+        mu_index, nu_index = LeafIndex(state.mu), LeafIndex(state.nu)
+        new_mu, new_nu = {}, {}
         count_inc = optax.safe_int32_increment(count)
         for path, g in g_index.items():
             if path in new_updates or not hasattr(g, "shape"):
@@ -511,9 +542,7 @@ def scale_by_lora_rite(
             count=count_inc,
             mu=mu_index.replace(new_mu),
             nu=nu_index.replace(new_nu),
-            prev=prev_index.replace(new_prev),
-            prev_rinv=rinv_index.replace(new_rinv),
-            rho=rho_index.replace(new_rho),
+            groups=tuple(new_groups),
             n_skipped=n_skipped,
             grad_norm=g_norm.astype(state.grad_norm.dtype),
         )
@@ -533,7 +562,7 @@ def lora_rite(
     skip_threshold: float = 1.0,
     escape_mass: bool = False,
     basis: str = "gram",
-    stack_pairs: bool = False,
+    stack_pairs: bool = True,
     mu_dtype: Any = None,
     mask: Any = None,
     pairs: PairSpec = None,

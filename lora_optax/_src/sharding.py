@@ -136,7 +136,7 @@ def state_shardings(
       ...                                          sharding=NamedSharding(mesh, P()))}
       >>> s = lora_optax.state_shardings(lora_optax.scaled_adamw(1e-3), params)
       >>> s[1][0].mu["lora_a"].spec
-      PartitionSpec('data',)
+      P('data', None)
     """
     what = "state_shardings"
     if not isinstance(tx, optax.GradientTransformation):
@@ -182,9 +182,16 @@ def state_shardings(
             continue
         if isinstance(given, NamedSharding):
             spec = given.spec
-            if mesh is None:
-                mesh = given.mesh
-            elif (given.mesh.axis_names, given.mesh.device_ids.tolist()) != (
+            given_mesh = given.mesh
+            if not isinstance(given_mesh, Mesh):  # an AbstractMesh names no devices
+                if mesh is None:
+                    raise ValueError(
+                        f"{what}: the sharding of {path_str(path)} is over an abstract "
+                        "mesh; pass mesh= (or call under jax.set_mesh)."
+                    )
+            elif mesh is None:
+                mesh = given_mesh
+            elif (given_mesh.axis_names, given_mesh.device_ids.tolist()) != (
                 mesh.axis_names,
                 mesh.device_ids.tolist(),
             ):
