@@ -60,6 +60,9 @@ BAD_VALUES: dict[str, tuple[Any, ...]] = {
 ALLOW: dict[str, str] = {
     "LeafIndex": "path-addressed view of any pytree; accepts every tree",
     "pair_parent": "pure path arithmetic on an already validated LoRAPair",
+    "lora_rite_groups": "groups already validated pairs by shape; no argument of its own",
+    "lora_rite_factor_state": "read-only view of an existing state; pairs are validated by "
+    "resolve_pairs like every optimizer's",
 }
 
 # Known gaps, reported to the owners: (public name, check) -> reason. They run as

@@ -52,11 +52,26 @@ def _mesh_id(shape, axis_type, layout) -> str:
     return f"{shape[0]}x{shape[1]}-{kind}-{layout}"
 
 
-PARAMS = [pytest.param(case, *MAIN, id=f"{case.name}-{_mesh_id(*MAIN)}") for case in CASES] + [
-    pytest.param(case, *m, id=f"{case.name}-{_mesh_id(*m)}")
-    for m, names in OTHER_MESHES.items()
-    for case in CASES
-    if case.name in names
+# Known gaps, reported to the module owners; strict xfails (a fix makes them fail
+# until the entry is removed): test id -> reason.
+KNOWN_GAPS = {
+    "lora_rite-4x2-explicit-layers": (
+        "lora_rite.update_fn multiplies the factor-sized moment (layer axis explicitly "
+        "sharded) by r×r weights built unsharded: 'Incompatible types for matmul "
+        "arguments: float32[2@model,8@data,3] and float32[2,3,3]'"
+    ),
+}
+
+
+def _param(case, mesh_shape, axis_type, layout):
+    test_id = f"{case.name}-{_mesh_id(mesh_shape, axis_type, layout)}"
+    reason = KNOWN_GAPS.get(test_id)
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return pytest.param(case, mesh_shape, axis_type, layout, id=test_id, marks=marks)
+
+
+PARAMS = [_param(case, *MAIN) for case in CASES] + [
+    _param(case, *m) for m, names in OTHER_MESHES.items() for case in CASES if case.name in names
 ]
 
 

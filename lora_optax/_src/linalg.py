@@ -424,15 +424,6 @@ def replicate(x: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
-def reshard_rr(w: jax.Array, like: jax.Array, batch_ndim: int) -> jax.Array:
-    """An r×r-type array resharded as :func:`gram_cols` of ``like`` would be: batch axes
-    sharded like ``like``'s, the rest replicated (unchanged without an explicit mesh)."""
-    out = _rr_out_sharding(like, batch_ndim) if _is_array(like) else None
-    if out is None:
-        return w
-    return jax.sharding.reshard(w, out)
-
-
 def stack_leading(xs: Any, core_ndim: int) -> tuple[jax.Array, Any]:
     """Stacks arrays ``(*lead_i, *core)`` (same core shape) into ``(Σ prod lead_i, *core)``.
 

@@ -6,18 +6,20 @@ quantity below is per pair and per stacked layer.
 
 Implementation outline (one ``update``):
 
-1. Factor-sized pass (per pair, or per group of same-shape pairs when
-   ``stack_pairs=True``): the r×r Gram matrices ``XᵀX`` of both factors, ``gᵀg`` of
-   both gradients and ``X_newᵀ X_prev`` (Gram route), or the QR factors (QR route).
-2. r×r pass, batched over ALL factors of the same rank at once: pseudo-inverse of
-   ``R``, basis change ``P``, unmagnified-gradient statistics (``‖Ḡ‖``, skip test,
-   joint clipping), second moment, escaped mass, inverse root. Everything is reduced
-   to three r×r multipliers per factor: ``W₁ = β̂₁Pᵀ``, ``W₂ = (1-β̂₁)·c·R_o⁺(V̄+ρI)^-½``
-   and ``W₃ = R_o⁺ᵀ`` (``o`` the other factor, ``c`` the clip/skip factor).
-3. Factor-sized pass: ``M̄ ← M̄ W₁ + g W₂`` and the direction ``M̄ W₃``.
+1. Pairs with identical shapes are stacked into groups (``stack_pairs=True``, default),
+   and per group the r×r Gram matrices ``XᵀX`` of both factors, ``gᵀg`` of both
+   gradients and ``X_newᵀ X_prev`` are formed by batched contractions (Gram route), or
+   QR factors are computed (QR route).
+2. r×r pass, batched over ALL factors of the same rank: pseudo-inverse of ``R``, basis
+   change ``P``, unmagnified-gradient statistics (``‖Ḡ‖``, skip test, joint clipping),
+   second moment, escaped mass, inverse root, all reduced to three r×r multipliers per
+   factor: ``W₁ = β̂₁Pᵀ``, ``W₂ = (1-β̂₁)·c·R_o⁺(V̄+ρI)^-½`` and ``W₃ = R_o⁺ᵀ``
+   (``o`` the other factor, ``c`` the clip/skip factor).
+3. Per group: ``M̄ ← M̄ W₁ + g W₂`` and the direction ``M̄ W₃`` (batched products).
 
-So the factor-sized work is a handful of ``(m×r)·(r×r)`` products per factor, and the
-many small r×r eigendecompositions of a model run as one batched call.
+The pair state is kept stacked per group, so the stacked factors of this step are the
+next step's ``prev`` and the moments need no per-factor slicing: an update compiles to a
+few kernels per group plus one per factor (the unstacked direction), fewer than AdamW's.
 """
 
 from __future__ import annotations
@@ -237,11 +239,14 @@ def scale_by_lora_rite(
 
     Two computational routes give the same updates (``basis``):
 
-    * ``"gram"`` (default): never forms ``Q``. ``R⁺`` is the pseudo-inverse of the polar
-      factor ``R = (XᵀX)^½`` from an eigendecomposition of the r×r Gram matrix
-      (eigenvalues below ``r·ε·λ_max`` count as zero), and
-      ``P = R_new⁺ᵀ (X_newᵀ X_prev) R_prev⁺``, so the state stores the previous
-      factor and its r×r ``R⁺``. All factor-sized work is ``(m×r)(r×r)`` products.
+    * ``"gram"`` (default): never forms ``Q``. ``R`` is the Cholesky factor of the r×r
+      Gram matrix ``XᵀX = RᵀR`` (the QR ``R`` with a non-negative diagonal), inverted by
+      a triangular solve; when a factor is numerically rank deficient (a Cholesky pivot
+      ``≤ r·ε·tr XᵀX``, e.g. ``B = 0``), ``R⁺`` is instead the pseudo-inverse of the
+      polar factor ``(XᵀX)^½`` from an eigendecomposition (eigenvalues below
+      ``r·ε·λ_max`` count as zero). ``P = R_new⁺ᵀ (X_newᵀ X_prev) R_prev⁺``, so the
+      state stores the previous factor and its r×r ``R⁺``. All factor-sized work is
+      contractions with r×r matrices.
     * ``"qr"``: Householder QR of each factor (``jnp.linalg.qr``), ``R⁺`` by
       ``jnp.linalg.pinv``, ``P = Qᵀ Q_prev``; the state stores ``Q``. Slow on CPU and
       accelerators; kept as the literal form of the algorithm.
@@ -263,11 +268,14 @@ def scale_by_lora_rite(
       skip_threshold: per-factor RMS threshold of the skip test; 0 turns it off.
       escape_mass: add the escaped mass ``ρ`` of paper eq. (15).
       basis: ``"gram"`` or ``"qr"`` (see above).
-      stack_pairs: also stack the factor-sized work of pairs with identical shapes
-        (:func:`lora_optax._src.linalg.group_pairs`), one batched computation per
-        layer shape. The r×r work is always batched over all pairs of one rank.
-        Stacking copies the factors into the stacked arrays; on CPU it makes the
-        compiled update smaller but not faster (see ``benchmarks/``).
+      stack_pairs: group pairs with identical shapes, dtypes and shardings
+        (:func:`lora_optax._src.linalg.group_pairs`) and keep their state stacked:
+        one batched computation per layer shape (default). ``False``: one group per
+        pair (more, smaller kernels: slower to compile and, on CPU, to run; see
+        ``benchmarks/results``). The r×r work is batched over all pairs of one rank
+        either way. Stacking copies the factors and gradients of a group once per
+        step (models whose layers are already stacked along a batch axis form one
+        group without copies).
       mu_dtype: dtype of the factor-sized first moments and of Adam's first moment
         (default: the parameter dtype).
       pairs: how to find the LoRA pairs: ``None`` for automatic discovery
@@ -276,7 +284,8 @@ def scale_by_lora_rite(
 
     Returns:
       An :class:`optax.GradientTransformation` whose ``update`` needs ``params`` and
-      whose state is a :class:`ScaleByLoRARiteState`.
+      whose state is a :class:`ScaleByLoRARiteState` (per-factor view:
+      :func:`lora_rite_factor_state`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lora_optax
@@ -317,16 +326,19 @@ def scale_by_lora_rite(
             )
             prev_a = _stack(group, zeros, "a")[0]
             n, r = prev_a.shape[0], group[0].rank
-            rr = linalg.replicated_zeros((2 * n, r, r), ct, like=prev_a, batch_ndim=0)
+
+            def rr(shape, ct=ct, prev_a=prev_a):  # a fresh buffer per field (donation)
+                return linalg.replicated_zeros(shape, ct, like=prev_a, batch_ndim=0)
+
             groups.append(
                 LoRARiteGroupState(
                     mu_a=_stack(group, mu_zeros, "a")[0],
                     mu_b=_stack(group, mu_zeros, "b")[0],
                     prev_a=prev_a,
                     prev_b=_stack(group, zeros, "b")[0],
-                    v=rr,
-                    rinv=rr if basis == "gram" else masked,
-                    rho=linalg.replicated_zeros((2 * n,), ct, like=prev_a, batch_ndim=0),
+                    v=rr((2 * n, r, r)),
+                    rinv=rr((2 * n, r, r)) if basis == "gram" else masked,
+                    rho=rr((2 * n,)),
                 )
             )
         norm_dtype = jnp.float32
@@ -589,7 +601,7 @@ def lora_rite(
       skip_threshold: per-factor RMS skip threshold (0: off).
       escape_mass: add the escaped mass of paper eq. (15).
       basis: ``"gram"`` (default, no QR) or ``"qr"``.
-      stack_pairs: stack the factor-sized work of same-shape pairs.
+      stack_pairs: group same-shape pairs (see :func:`scale_by_lora_rite`).
       mu_dtype: dtype of the first moments.
       mask: weight-decay mask, as in :func:`optax.adamw`.
       pairs: pair spec, see :func:`scale_by_lora_rite`.
