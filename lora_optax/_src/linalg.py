@@ -510,3 +510,13 @@ def gram_factor_pinv(k: jax.Array, *, rtol: Any = None) -> jax.Array:
         )
 
     return jax.lax.cond(ok, cholesky_path, lambda _: pinv_sqrt_psd(k, rtol=rtol), chol)
+
+
+def reshard_batch_like(w: jax.Array, like: jax.Array, batch_ndim: int) -> jax.Array:
+    """An r×r-type array resharded as :func:`gram_cols` of ``like`` would be: its batch
+    axes sharded like ``like``'s, the rest replicated (unchanged without an explicit
+    mesh). For r×r multipliers about to be contracted with a batched factor."""
+    out = _rr_out_sharding(like, batch_ndim) if _is_array(like) else None
+    if out is None:
+        return w
+    return jax.sharding.reshard(w, out)

@@ -86,7 +86,7 @@ class ScaleByLoRARiteState(NamedTuple):
         skip test and before clipping (NaN before the first step).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # field name shadows tuple.count
     mu: Any
     nu: Any
     groups: tuple[LoRARiteGroupState, ...]
@@ -497,9 +497,9 @@ def scale_by_lora_rite(
         new_updates, new_groups = {}, []
         for w in work:
             gs, ct, group = w["gs"], w["ct"], w["group"]
-            w1a, w1b = w["w1"]
-            w2a, w2b = w["w2"]
-            w3a, w3b = w["w3"]
+            a, b = w["a"], w["b"]
+            w1a, w2a, w3a = (linalg.reshard_batch_like(w[k][0], a, 1) for k in ("w1", "w2", "w3"))
+            w1b, w2b, w3b = (linalg.reshard_batch_like(w[k][1], b, 1) for k in ("w1", "w2", "w3"))
             # A (N, m, r):  M̄ ← M̄ W₁ + g W₂;  direction = M̄ W₃.
             mu_a = gs.mu_a.astype(ct) @ w1a + linalg.zero_nonfinite(w["ga"].astype(ct) @ w2a)
             dir_a = mu_a @ w3a
