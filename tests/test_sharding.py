@@ -54,13 +54,7 @@ def _mesh_id(shape, axis_type, layout) -> str:
 
 # Known gaps, reported to the module owners; strict xfails (a fix makes them fail
 # until the entry is removed): test id -> reason.
-KNOWN_GAPS = {
-    "lora_rite-4x2-explicit-layers": (
-        "lora_rite.update_fn multiplies the factor-sized moment (layer axis explicitly "
-        "sharded) by r×r weights built unsharded: 'Incompatible types for matmul "
-        "arguments: float32[2@model,8@data,3] and float32[2,3,3]'"
-    ),
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _param(case, mesh_shape, axis_type, layout):
