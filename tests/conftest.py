@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "ci",
     max_examples=10,
+    derandomize=True,  # CI runs the same examples every time; use "dev" to explore
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

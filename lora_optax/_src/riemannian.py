@@ -23,8 +23,12 @@ def precondition_pair(
     """``(g_A (B Bᵀ + δI)⁻¹, (AᵀA + δI)⁻¹ g_B)`` for one pair, in the factors' dtypes."""
     a_m, b_m = linalg.a_matrix(pair, a), linalg.b_matrix(pair, b)
     g_a_m, g_b_m = linalg.a_matrix(pair, g_a), linalg.b_matrix(pair, g_b)
-    new_g_a = linalg.solve_right_spd(g_a_m, linalg.gram_rows(b_m), delta)
-    new_g_b = linalg.solve_left_spd(linalg.gram_cols(a_m), g_b_m, delta)
+    # δ plus a relative floor ε·tr(K): a fixed δ far below float32 resolution of an
+    # ill-conditioned Gram matrix would let its Cholesky factorisation fail (NaN).
+    k_b, k_a = linalg.gram_rows(b_m), linalg.gram_cols(a_m)
+    rel = float(pair.rank)  # Cholesky's backward error grows with the matrix size
+    new_g_a = linalg.solve_right_spd(g_a_m, k_b, linalg.safe_damping(k_b, delta, rel=rel))
+    new_g_b = linalg.solve_left_spd(k_a, g_b_m, linalg.safe_damping(k_a, delta, rel=rel))
     return (
         linalg.from_matrix(new_g_a, g_a.shape, pair).astype(g_a.dtype),
         linalg.from_matrix(new_g_b, g_b.shape, pair).astype(g_b.dtype),
@@ -66,7 +70,9 @@ def scale_by_riemannian_preconditioner(
       \tilde g_B = (A^\top A + \delta I)^{-1} g_B,
 
     both from the pre-step parameters (simultaneous update, paper eq. (1)). The r×r
-    systems are solved by Cholesky in float32 or wider; ``B = 0`` gives
+    systems are solved by Cholesky in float32 or wider, with ``δ`` raised by a
+    relative floor ``r·ε·tr(·)`` (ε the compute dtype's epsilon; below 1e-15 relative in
+    float64) so that ill-conditioned or rank-deficient factors stay finite; ``B = 0`` gives
     ``g̃_A = g_A / δ``, which is 0 at a standard LoRA initialisation since then
     ``g_A = s·G Bᵀ = 0``. Leaves that are not in any pair pass through unchanged.
     Batched over the stacked-layer axes of each pair.
