@@ -87,7 +87,7 @@ def lora_plus(
     Example:
       >>> import jax, jax.numpy as jnp, lora_optax
       >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
-      >>> tx = lora_optax.lora_plus(1e-3, ratio=16.0)
+      >>> tx = lora_optax.lora_plus(1e-3, ratio=16.0, weight_decay=0.0)
       >>> state = tx.init(params)
       >>> grads = jax.tree.map(jnp.ones_like, params)
       >>> updates, state = tx.update(grads, state, params)
