@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         targets=args.targets,
         rank=args.rank,
         alpha=args.alpha,
-        scale=_scale(args.scale),
+        scale=args.scale,
         rngs=nnx.Rngs(args.seed + 1),
     )
     if args.train_head:  # make the head trainable alongside the LoRA factors
@@ -238,13 +238,6 @@ def main(argv: list[str] | None = None) -> dict:
             "train / test": f"{len(train)} / {len(test)}",
         },
     )
-
-
-def _scale(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 if __name__ == "__main__":

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         targets=args.targets,
         rank=args.rank,
         alpha=args.alpha,
-        scale=_scale(args.scale),
+        scale=args.scale,
         rngs=nnx.Rngs(args.seed + 1),
         model_inputs=gemma.causal_inputs(sample["tokens"][:1], tok.pad_id),
     )
@@ -352,13 +352,6 @@ def main(argv: list[str] | None = None) -> dict:
             "train / test": f"{len(train)} / {len(test)}",
         },
     )
-
-
-def _scale(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 if __name__ == "__main__":

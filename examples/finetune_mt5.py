@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         targets=args.targets,
         rank=args.rank,
         alpha=args.alpha,
-        scale=_scale(args.scale),
+        scale=args.scale,
         rngs=nnx.Rngs(args.seed + 1),
     )
     collate = make_train_collate(tok, args)
@@ -295,13 +295,6 @@ def main(argv: list[str] | None = None) -> dict:
             "train / test": f"{len(train)} / {len(test)}",
         },
     )
-
-
-def _scale(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 if __name__ == "__main__":

@@ -113,6 +113,14 @@ def parse_mesh(text: str | None) -> Any:
     return make_mesh(shape)
 
 
+def parse_scale(text: str) -> float | str:
+    """``--scale``: a number, or a convention name understood by ``apply_lora``."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def add_common_args(p: argparse.ArgumentParser, *, targets: str = "qkvo") -> None:
     """The flags every example shares (paper defaults from LoRA-RITE A.1)."""
     p.add_argument("--model", default="tiny", help="'tiny' (random) or a checkpoint path")
@@ -120,7 +128,12 @@ def add_common_args(p: argparse.ArgumentParser, *, targets: str = "qkvo") -> Non
     p.add_argument("--optimizer", default="lora_rite", choices=sorted(OPTIMIZERS))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--scale", default="alpha/r", help="alpha/r | alpha/sqrt(r) | 1 | <number>")
+    p.add_argument(
+        "--scale",
+        type=parse_scale,
+        default="alpha/r",
+        help="alpha/r | alpha/sqrt(r) | 1 | <number>",
+    )
     p.add_argument("--targets", default=targets, help="preset name or regex over module paths")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
