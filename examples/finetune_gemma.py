@@ -46,65 +46,7 @@ from lora_optax import tasks
 from lora_optax.flax import apply_lora, gemma
 from lora_optax.flax.cli import add_common_args, parse_mesh, train_loop
 from lora_optax.flax.train import make_eval_step
-
-
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 (``0`` pad, ``1`` eos, ``2`` bos: Gemma's special ids)."""
-
-    pad_id, eos_id, bos_id = 0, 1, 2
-    vocab_size = 3 + 256
-
-    def encode(self, text: str) -> list[int]:
-        return [3 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="ignore")
-
-
-class HFTokenizer:
-    """``tokenizer.json`` (``tokenizers``) or a sentencepiece model, without special tokens."""
-
-    def __init__(self, path: Path):
-        if path.suffix == ".json":
-            from tokenizers import Tokenizer
-
-            self._tok = Tokenizer.from_file(str(path))
-            ids = {name: self._tok.token_to_id(name) for name in ("<pad>", "</s>", "<eos>")}
-            self.pad_id = ids["<pad>"] if ids["<pad>"] is not None else 0
-            eos = ids["<eos>"] if ids["<eos>"] is not None else ids["</s>"]
-            self.eos_id = eos if eos is not None else 1
-            bos = self._tok.token_to_id("<bos>")
-            self.bos_id = bos if bos is not None else 2
-            self._sp = None
-        else:
-            import sentencepiece as spm
-
-            self._sp = spm.SentencePieceProcessor(model_file=str(path))
-            self.pad_id = max(self._sp.pad_id(), 0)
-            self.eos_id, self.bos_id = self._sp.eos_id(), self._sp.bos_id()
-
-    def encode(self, text: str) -> list[int]:
-        if self._sp is not None:
-            return list(self._sp.encode(text))
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self._sp is not None:
-            return self._sp.decode(ids)
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-
-def load_tokenizer(model_dir: str, explicit: str | None = None):
-    """The checkpoint's own tokenizer: ``--tokenizer``, else ``tokenizer.json``,
-    ``tokenizer.model`` or ``spiece.model`` in the checkpoint folder."""
-    if explicit:
-        return HFTokenizer(Path(explicit))
-    for name in ("tokenizer.json", "tokenizer.model", "spiece.model"):
-        if (Path(model_dir) / name).is_file():
-            return HFTokenizer(Path(model_dir) / name)
-    raise FileNotFoundError(f"no tokenizer.json / tokenizer.model in {model_dir}; use --tokenizer")
-
+from lora_optax.tasks.tokenizers import ByteTokenizer, decode_until_eos, find_tokenizer
 
 # ---------------------------------------------------------------------------- prompts
 
@@ -222,13 +164,6 @@ def make_greedy(max_new_tokens: int, eos_id: int, pad_id: int):
     return greedy
 
 
-def decode_until_eos(tok, ids) -> str:
-    ids = [int(i) for i in ids]
-    if tok.eos_id in ids:
-        ids = ids[: ids.index(tok.eos_id)]
-    return tok.decode([i for i in ids if i != tok.pad_id])
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -251,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_model(args, mesh):
     if args.model == "tiny":
         model = gemma.tiny_model(
-            args.seed, num_embed=ByteTokenizer.vocab_size, num_layers=args.tiny_layers
+            args.seed, num_embed=ByteTokenizer().vocab_size, num_layers=args.tiny_layers
         )
         return model, ByteTokenizer()
     from tunix.models.gemma import model as gm
@@ -259,7 +194,7 @@ def build_model(args, mesh):
     config = getattr(gm.ModelConfig, args.gemma_config)()
     dtype = jnp.dtype(args.dtype) if args.dtype else None
     model = gemma.load_gemma(args.model, config, mesh=mesh, dtype=dtype)
-    return model, load_tokenizer(args.model, args.tokenizer)
+    return model, find_tokenizer(args.model, args.tokenizer)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -47,55 +47,12 @@ from lora_optax.flax import apply_lora
 from lora_optax.flax.cli import add_common_args, parse_mesh, train_loop
 from lora_optax.flax.train import make_eval_step
 from lora_optax.models import t5
-
-
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 (``0`` pad, ``1`` eos, ``2`` unk: T5's special ids)."""
-
-    pad_id, eos_id = 0, 1
-    vocab_size = 3 + 256
-
-    def encode(self, text: str) -> list[int]:
-        return [3 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="ignore")
-
-
-class HFTokenizer:
-    """mT5's own tokenizer (``tokenizer.json`` or ``spiece.model``), without special tokens."""
-
-    def __init__(self, path: Path, pad_id: int, eos_id: int):
-        self.pad_id, self.eos_id = pad_id, eos_id
-        if path.suffix == ".json":
-            from tokenizers import Tokenizer
-
-            self._tok, self._sp = Tokenizer.from_file(str(path)), None
-        else:
-            import sentencepiece as spm
-
-            self._tok, self._sp = None, spm.SentencePieceProcessor(model_file=str(path))
-
-    def encode(self, text: str) -> list[int]:
-        if self._sp is not None:
-            return list(self._sp.encode(text))
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self._sp is not None:
-            return self._sp.decode(ids)
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-
-def load_tokenizer(model_dir: str, config: t5.T5Config, explicit: str | None = None):
-    names = [explicit] if explicit else ["tokenizer.json", "spiece.model", "tokenizer.model"]
-    for name in names:
-        path = Path(name) if explicit else Path(model_dir) / name
-        if path.is_file():
-            return HFTokenizer(path, config.pad_token_id, config.eos_token_id)
-    raise FileNotFoundError(f"no tokenizer.json / spiece.model in {model_dir}; use --tokenizer")
-
+from lora_optax.tasks.tokenizers import (
+    ByteTokenizer,
+    Tokenizer,
+    decode_until_eos,
+    find_tokenizer,
+)
 
 # ---------------------------------------------------------------------------- prompts
 
@@ -159,13 +116,6 @@ def target_scores(model, batch):
     return -(ce * valid).sum(-1)
 
 
-def decode_until_eos(tok, ids) -> str:
-    ids = [int(i) for i in ids]
-    if tok.eos_id in ids:
-        ids = ids[: ids.index(tok.eos_id)]
-    return tok.decode([i for i in ids if i != tok.pad_id])
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -197,19 +147,26 @@ def main(argv: list[str] | None = None) -> dict:
         train = train[: args.max_examples]
     generation = test[0].kind == tasks.GENERATION
     # model + tokenizer
+    tok: Tokenizer
     if args.model == "tiny":
+        tok = ByteTokenizer()
         model = t5.T5ForConditionalGeneration(
             t5.T5Config.tiny(
-                vocab_size=ByteTokenizer.vocab_size,
+                vocab_size=tok.vocab_size,
                 num_layers=args.tiny_layers,
                 num_decoder_layers=args.tiny_layers,
             ),
             rngs=nnx.Rngs(args.seed),
         )
-        tok: object = ByteTokenizer()
     else:
         model = t5.load_t5_safetensors(args.model)
-        tok = load_tokenizer(args.model, model.config, args.tokenizer)
+        tok = find_tokenizer(
+            args.model,
+            args.tokenizer,
+            names=("tokenizer.json", "spiece.model", "tokenizer.model"),
+            pad_id=model.config.pad_token_id,
+            eos_id=model.config.eos_token_id,
+        )
     model = apply_lora(
         model,
         targets=args.targets,
