@@ -13,6 +13,7 @@ gradient w.r.t. a zero "probe" added to each pair's effective weight.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -112,9 +113,20 @@ class FactorizationProblem:
         The full-gradient tree mirrors ``params`` with, at each pair's parent node,
         that pair's ``G`` (the base weight's shape); the bias position holds nothing.
         """
-        g, g_full = jax.grad(self.loss_with_probes, argnums=(0, 1))(params, self.zero_probes())
-        g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
-        return g, dict(g_full)
+        return self._jitted_grads(params)
+
+    @functools.cached_property
+    def _jitted_grads(self):
+        # Jitted once per problem: eager differentiation dispatches every op separately,
+        # which costs seconds on an 8-device mesh.
+        @jax.jit
+        def grads(params):
+            probes = self.zero_probes()
+            g, g_full = jax.grad(self.loss_with_probes, argnums=(0, 1))(params, probes)
+            g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
+            return g, dict(g_full)
+
+        return grads
 
 
 def shard_params(params: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:

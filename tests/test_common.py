@@ -259,8 +259,9 @@ def _check_sharding_stable(case, problem, mesh):
             assert jax.typeof(b) == jax.typeof(c), (jax.typeof(b), jax.typeof(c))
             if b.ndim:
                 assert b.sharding.is_equivalent_to(c.sharding, b.ndim), (b.sharding, c.sharding)
-    # The sharded result equals the single-device one.
-    _, s_single = tx.update(
+    # The sharded result equals the single-device one (jitted: eager dispatch of every op
+    # is slow and is already compared with jit above and in test_jit_matches_eager).
+    _, s_single = jax.jit(tx.update)(
         *jax.device_get((grads, tx.init(jax.device_get(params)), jax.device_get(params))),
         **jax.device_get(kwargs),
     )

@@ -260,7 +260,7 @@ def test_updates_have_param_shapes(shapes, which):
     make = {"sgd": lox.scaled_sgd, "adamw": lox.scaled_adamw, "plus": lox.lora_plus}[which]
     pairs = functools.partial(lox.find_lora_pairs, batch_ndim=len(batch))
     tx = make(0.1, pairs=pairs)
-    updates, _ = tx.update(params, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
     for k in params:
         assert updates[k].shape == params[k].shape
         assert np.all(np.isfinite(updates[k]))
