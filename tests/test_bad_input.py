@@ -54,6 +54,7 @@ BAD_VALUES: dict[str, tuple[Any, ...]] = {
     "ratio": (0.0, -1.0),
     "strength": (-1.0,),
     "gamma": (0.0, -1.0),
+    "safeguard": (0.0, -1.0, math.inf),
 }
 
 # Public names with no argument to validate.
@@ -67,27 +68,7 @@ ALLOW: dict[str, str] = {
 
 # Known gaps, reported to the owners: (public name, check) -> reason. They run as
 # strict xfails, so a fix makes them XPASS and fail until the entry is removed.
-_NO_TREE_CHECK = (
-    "update() does not check updates against params (fix: pass updates=updates to "
-    "riemannian.pair_params, or wrap the alias in pairs.with_input_checks)"
-)
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    **{
-        (name, "update"): _NO_TREE_CHECK
-        for name in (
-            "lora_pro",
-            "lora_pro_sgd",
-            "lora_rite",
-            "scale_by_lora_pro",
-            "scale_by_lora_pro_adam",
-            "scale_by_lora_rite",
-            "scale_by_solora",
-            "solora_adamw",
-            "solora_sgd",
-        )
-    },
-    ("value_and_full_grads", "helper"): "a non-callable loss_fn is accepted (fails later)",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _is_state_class(obj: Any) -> bool:

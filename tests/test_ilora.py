@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import jax
@@ -206,8 +207,6 @@ def test_non_pair_leaves_get_plain_adamw(problem):
 
 
 def test_defaults_and_errors():
-    import inspect
-
     assert inspect.signature(lox.ilora).parameters["strength"].default == 0.1
     assert inspect.signature(lox.pilora).parameters["strength"].default == 1.0
     with pytest.raises(ValueError, match="strength"):
@@ -222,3 +221,148 @@ def test_defaults_and_errors():
         tx.update(params, tx.init(params), None)
     with pytest.raises(ValueError, match="no LoRA"):
         lox.add_imbalance_regularization(0.1, 0.1).init({"w": jnp.ones((3, 3))})
+
+
+# --------------------------------------------------------------------------- safeguard
+
+
+def _safeguarded_reference(a, b, lr, strength, tau):
+    """The safeguarded step on float64 matrices: the paper's step with ``ηλ`` replaced by
+    ``min(ηλ, τ/ν)``, ``ν = max(1, ρ)·max_i Σ_j |D_ij|``; also returns whether it acts."""
+    r, n = b.shape
+    rho = r / n
+    d = a.T @ a - rho * b @ b.T
+    nu = max(1.0, rho) * np.abs(d).sum(axis=1).max()
+    c = lr * strength
+    active = c * nu > tau
+    c_eff = tau / nu if active else c
+    na, nb = ref.imbalance_regularization(a, b, c_eff / strength, strength)
+    return na, nb, active
+
+
+def _regularize(params, lr, strength, safeguard, steps=1):
+    """``steps`` applications of the imbalance step alone (zero base update), jitted."""
+    tx = lox.add_imbalance_regularization(strength, lr, safeguard=safeguard)
+    step = jax.jit(tx.update)
+    state, history = tx.init(params), [params]
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(steps):
+        updates, state = step(zeros, state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(params)
+    return history
+
+
+def test_safeguard_inactive_in_normal_regime():
+    """Typical factors and steps: the default safeguard gives the paper's step bit for
+    bit (all pair layouts; iLoRA and πLoRA in float32, the bare step in f32 and bf16)."""
+    problem = FactorizationProblem.create(seed=3)
+    params = problem.random_params()
+    for make in (lox.ilora, lox.pilora):
+        got = library_run(make(1e-2, strength=10.0), problem, params, 3)
+        want = library_run(make(1e-2, strength=10.0, safeguard=None), problem, params, 3)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    default = inspect.signature(lox.add_imbalance_regularization).parameters["safeguard"].default
+    for dtype in (jnp.float32, jnp.bfloat16):
+        low = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), params)
+        got = _regularize(low, 0.05, 2.0, default, steps=3)
+        want = _regularize(low, 0.05, 2.0, None, steps=3)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+        assert not np.array_equal(got[-1]["dense"]["lora_a"], low["dense"]["lora_a"])
+
+
+def _extreme_params(problem):
+    """Float32 factors: ``dense`` A at 1e8, ``stacked`` slice 0's B at 1e8 and slice 1
+    normal, ``einsum`` both at 1e-8 (no pair is near balance)."""
+    params = problem.random_params()
+    params["dense"]["lora_a"] = 1e8 * params["dense"]["lora_a"]
+    params["stacked"]["lora_b"] = params["stacked"]["lora_b"].at[0].multiply(1e8)
+    params["einsum"] = jax.tree.map(lambda x: 1e-8 * x, params["einsum"])
+    return params
+
+
+def test_safeguard_matches_formula_in_extreme_regime():
+    """Factors at 1e8 in float32: the paper's step overflows; the safeguarded one is
+    finite and equals the float64 formula ``min(ηλ, τ/ν)`` per pair and per stacked
+    slice (acting only where ``ηλν > τ``)."""
+    problem = FactorizationProblem.create(seed=4)
+    params = _extreme_params(problem)
+    lr, lam, tau = 1e-3, 0.1, 2.0
+    plain = _regularize(params, lr, lam, None, steps=2)
+    assert not np.all(np.isfinite(np.asarray(plain[-1]["dense"]["lora_a"])))
+    got = _regularize(params, lr, lam, tau)[-1]
+    acted = []
+    for name in LAYOUT:
+        k = pair_batch(name)
+        a_key, b_key = A_KEY[name], B_KEY[name]
+        slices = zip(
+            factor_matrices(params[name][a_key], k, "a"),
+            factor_matrices(params[name][b_key], k, "b"),
+            factor_matrices(got[name][a_key], k, "a"),
+            factor_matrices(got[name][b_key], k, "b"),
+        )
+        for i, (a, b, got_a, got_b) in enumerate(slices):
+            want_a, want_b, active = _safeguarded_reference(a, b, lr, lam, tau)
+            acted.append((name, i, active))
+            for g, w in ((got_a, want_a), (got_b, want_b)):
+                assert np.all(np.isfinite(g))
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+    assert acted == [
+        ("dense", 0, True),
+        ("stacked", 0, True),
+        ("stacked", 1, False),
+        ("einsum", 0, False),
+    ]
+
+
+def test_safeguard_bounds_and_long_run_finite():
+    """When the safeguard acts, each factor changes by at most ``τ`` times its spectral
+    norm and (τ = 2, the Euler stability limit) a factor that dominates in every
+    direction (``D ⪰ 0`` for A, ``D ⪯ 0`` for B) is never enlarged; 400 steps from
+    1e8-scale factors stay finite and reach balance."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(12, 4)) / np.sqrt(12)
+    b = rng.normal(size=(4, 10)) * 0.3
+    rho = 4 / 10
+    shrunk = 0
+    for scale_a, scale_b in ((1e8, 1.0), (1.0, 1e8), (1e8, 1e8)):
+        params = {
+            "lora_a": jnp.asarray(scale_a * a, jnp.float32),
+            "lora_b": jnp.asarray(scale_b * b, jnp.float32),
+        }
+        history = _regularize(params, 1e-2, 1.0, 2.0, steps=400)
+        for before, after in itertools.pairwise(history[:30]):
+            x = {k: np.asarray(v, np.float64) for k, v in before.items()}
+            y = {k: np.asarray(v, np.float64) for k, v in after.items()}
+            for key in x:
+                change = np.linalg.norm(y[key] - x[key], 2)
+                assert change <= 2.0 * (1 + 1e-5) * np.linalg.norm(x[key], 2)
+            d = x["lora_a"].T @ x["lora_a"] - rho * x["lora_b"] @ x["lora_b"].T
+            eig = np.linalg.eigvalsh(d)
+            for key, dominates in (("lora_a", eig.min() >= 0), ("lora_b", eig.max() <= 0)):
+                if dominates:
+                    shrunk += 1
+                    norm_y, norm_x = np.linalg.norm(y[key], 2), np.linalg.norm(x[key], 2)
+                    assert norm_y <= (1 + 1e-5) * norm_x
+        last = history[-1]
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(last))
+        first_ratio = _imbalance_ratio(history[0])
+        assert _imbalance_ratio(last) < 1e-3 * first_ratio, (scale_a, scale_b)
+    assert shrunk >= 20
+
+
+def _imbalance_ratio(params):
+    """‖AᵀA − ρBBᵀ‖_F / (‖AᵀA‖_F + ρ‖BBᵀ‖_F), scale-free, in float64."""
+    a = np.asarray(params["lora_a"], np.float64)
+    b = np.asarray(params["lora_b"], np.float64)
+    rho = b.shape[0] / b.shape[1]
+    p, q = a.T @ a, rho * b @ b.T
+    return np.linalg.norm(p - q) / (np.linalg.norm(p) + np.linalg.norm(q))
+
+
+def test_safeguard_validated():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="safeguard"):
+            lox.add_imbalance_regularization(0.1, 0.1, safeguard=bad)
+        with pytest.raises(ValueError, match="safeguard"):
+            lox.ilora(0.1, safeguard=bad)

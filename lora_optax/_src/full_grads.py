@@ -145,6 +145,11 @@ def value_and_full_grads(
       >>> full_grads["dense"].shape
       (4, 3)
     """
+    if not callable(loss_fn):
+        raise TypeError(
+            "value_and_full_grads: loss_fn must be a callable "
+            f"(params, probes, *args, **kwargs) -> loss, got {loss_fn!r}."
+        )
 
     def wrapped(params, *args, **kwargs):
         probes = zero_probes(params, pairs, dtype=probe_dtype)

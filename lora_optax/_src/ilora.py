@@ -15,6 +15,9 @@ from lora_optax._src.riemannian import pair_params, scaled_adamw
 # Default regularisation strengths λ (see the docstrings of `ilora` / `pilora`).
 ILORA_STRENGTH = 0.1
 PILORA_STRENGTH = 1.0
+# Default bound τ on ηλν (see `add_imbalance_regularization`): 2 is the stability
+# limit of explicit Euler, so the paper's step is kept wherever it is stable.
+SAFEGUARD = 2.0
 
 
 class ImbalanceRegularizationState(NamedTuple):
@@ -32,24 +35,65 @@ def imbalance_ratio(pair: LoRAPair, b_shape: tuple[int, ...]) -> float:
     return pair.rank / n_out
 
 
+def _exp2(k: jax.Array, dtype: Any) -> jax.Array:
+    """``2**k`` for integer ``k``, exactly (built from its bits), in float32 or float64."""
+    info = jnp.finfo(dtype)
+    bias = int(info.maxexp) - 1
+    int_t = jnp.int32 if info.bits == 32 else jnp.int64
+    bits = (k.astype(int_t) + bias) << int(info.nmant)
+    return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _inf_norm(m: jax.Array) -> jax.Array:
+    """``max_i Σ_j |m_ij|`` of batched square matrices, an upper bound of the spectral
+    norm of a symmetric matrix (at most √r times too large), kept as ``(*batch, 1, 1)``."""
+    return jnp.max(jnp.sum(jnp.abs(m), axis=-1, keepdims=True), axis=-2, keepdims=True)
+
+
 def imbalance_step(
-    pair: LoRAPair, a_star: Any, b_star: Any, step: Any
+    pair: LoRAPair, a_star: Any, b_star: Any, step: Any, *, safeguard: float | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """The decoupled imbalance step of one pair, as increments of ``A*`` and ``B*``.
 
     With ``D = A*ᵀA* − ρ B*B*ᵀ`` (r×r, ``ρ = r / n_out``) and ``c = η λ`` (``step``),
     returns ``(−c A* D, c ρ D B*)`` in the factors' shapes and in float32 or wider,
     so that ``A* − c A* D`` and ``B* − c ρ (ρ B*B*ᵀ − A*ᵀA*) B*`` are the
-    regularised factors.
+    regularised factors. With ``safeguard = τ``, ``c`` is replaced by ``min(c, τ/ν)``
+    (see :func:`add_imbalance_regularization`).
     """
     a_m, b_m = linalg.a_matrix(pair, a_star), linalg.b_matrix(pair, b_star)
     ct = linalg.compute_dtype(jnp.result_type(a_m, b_m))
     a_m, b_m = a_m.astype(ct), b_m.astype(ct)
     rho = imbalance_ratio(pair, b_star.shape)
-    d = linalg.gram_cols(a_m) - jnp.asarray(rho, ct) * linalg.gram_rows(b_m)
     c = jnp.asarray(step, ct)
-    delta_a = -c * jnp.matmul(a_m, d)
-    delta_b = (c * rho) * jnp.matmul(d, b_m)
+    if safeguard is None:
+        d = linalg.gram_cols(a_m) - jnp.asarray(rho, ct) * linalg.gram_rows(b_m)
+        delta_a = -c * jnp.matmul(a_m, d)
+        delta_b = (c * rho) * jnp.matmul(d, b_m)
+    else:
+        # Work on the factors divided by 2^e, 2^e ~ their largest entry (per matrix):
+        # a power-of-two scaling is exact in binary floating point, so every product
+        # below is the unscaled one times a power of two (the same step, bit for bit,
+        # while the safeguard is inactive), and D ~ |A|² and A·D ~ |A|³ cannot
+        # overflow, however large the factors.
+        big = jnp.maximum(
+            jnp.max(jnp.abs(a_m), axis=(-2, -1), keepdims=True),
+            jnp.max(jnp.abs(b_m), axis=(-2, -1), keepdims=True),
+        )
+        info = jnp.finfo(ct)
+        e = jnp.clip(jnp.frexp(big)[1], 3 - int(info.maxexp), int(info.maxexp) - 3)
+        a_s, b_s = a_m * _exp2(-e, ct), b_m * _exp2(-e, ct)
+        d = linalg.gram_cols(a_s) - jnp.asarray(rho, ct) * linalg.gram_rows(b_s)  # D/2^{2e}
+        nu = max(1.0, rho) * _inf_norm(d)  # ν / 2^{2e}, ν ≥ max(1, ρ)‖D‖₂
+        c_s = c * _exp2(e, ct) * _exp2(e, ct)  # c·2^{2e}; inf if it overflows
+        tau = jnp.asarray(safeguard, ct)
+        coef = jnp.where(c_s * nu <= tau, c_s, tau / jnp.where(nu > 0, nu, 1))
+        # One scalar factor per product (c·2^{3e} while inactive), as in the plain
+        # formula, so that XLA contracts it with the caller's addition the same way;
+        # D = 0 (no step) must not meet an overflowed c·2^{3e}.
+        coef = jnp.where(nu > 0, coef * _exp2(e, ct), 0)
+        delta_a = -coef * jnp.matmul(a_s, d)
+        delta_b = (coef * rho) * jnp.matmul(d, b_s)
     return (
         linalg.from_matrix(delta_a, a_star.shape, pair),
         linalg.from_matrix(delta_b, b_star.shape, pair),
@@ -60,6 +104,7 @@ def add_imbalance_regularization(
     strength: float,
     learning_rate: base.ScalarOrSchedule,
     *,
+    safeguard: float | None = SAFEGUARD,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformation:
     r"""Adds iLoRA's decoupled imbalance-regularisation step to a finished update.
@@ -84,6 +129,34 @@ def add_imbalance_regularization(
     ``A`` and ``4λρ(ρBBᵀ − AᵀA)B`` for ``B``): the paper's equations (4)–(5), which
     the library follows literally, so ``λ`` values from the paper carry over.
 
+    **Safeguard.** The step is one explicit Euler step of the flow ``Ȧ = −A D``,
+    ``Ḃ = ρ D B`` (``D = AᵀA − ρBBᵀ``). Along an eigenvector of ``D`` with
+    eigenvalue ``d`` it multiplies ``A`` by ``1 − ηλd`` and ``B`` by ``1 + ηλρd``;
+    explicit Euler is stable only while these factors stay in ``[−1, 1]`` where the
+    flow shrinks (``ηλd ≤ 2``, ``ηλρ(−d) ≤ 2``). Beyond that the step enlarges the
+    factor it should shrink, by ``~ηλ‖A‖²``, so it blows up cubically (factors of
+    size 1e8 overflow float32 within two steps). With ``safeguard = τ`` the step size
+    ``ηλ`` is replaced by
+
+    .. math::
+
+      \min(\eta\lambda,\ \tau / \nu), \qquad
+      \nu = \max(1, \rho)\, \|D\|_\infty \ \ge\ \max(1, \rho)\, \|D\|_2
+
+    (``‖·‖_∞`` the largest absolute row sum of the r×r matrix, computed on the
+    factors rescaled by an exact power of two so that it cannot overflow). It is
+    inactive — the paper's step, bit for bit — whenever ``ηλν ≤ τ``. When it acts,
+    ``ηλ|d| ≤ τ`` and ``ηλρ|d| ≤ τ`` for every eigenvalue, so each factor changes
+    by at most ``τ`` times its spectral norm (``‖ΔA‖₂ ≤ τ‖A*‖₂``,
+    ``‖ΔB‖₂ ≤ τ‖B*‖₂``) and the update stays finite for any finite factors (below
+    ``1/(1 + τ)`` of the float maximum). The default ``τ = 2`` is the Euler
+    stability limit: the library deviates from the paper only where the paper's
+    explicit step is unstable (up to the slack of the ``∞``-norm bound, at most a
+    factor ``√r`` and close to 1 for near-orthogonal factors), e.g. ``ηλ‖A‖² ≳ 2``;
+    typical LoRA factors (``‖A‖ ~ 1``, ``ηλ ≤ 1e-2``) are far from it. When it acts
+    with ``τ = 2``, the factor being shrunk is never enlarged; smaller ``τ`` (``≤ 1``:
+    no sign flips) track the continuous flow more closely.
+
     The r×r algebra runs in float32 or wider; results are cast back to the update
     dtype. Leaves outside any pair pass through unchanged. Batched over stacked-layer
     axes; multi-axis factors are flattened to their matrix views.
@@ -92,6 +165,8 @@ def add_imbalance_regularization(
       strength: the regularisation strength ``λ`` (non-negative).
       learning_rate: the base optimizer's learning rate (float or optax schedule);
         it must be the same one, so that the regularisation decays with it.
+      safeguard: the bound ``τ > 0`` on ``ηλν`` (see above), or ``None`` for the
+        paper's explicit step unconditionally.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
@@ -116,6 +191,8 @@ def add_imbalance_regularization(
     """
     base.check_non_negative(strength, "strength")
     base.check_learning_rate(learning_rate)
+    if safeguard is not None:
+        base.check_positive(safeguard, "safeguard")
     what = "add_imbalance_regularization"
 
     def init_fn(params):
@@ -135,7 +212,7 @@ def add_imbalance_regularization(
             u_a_c, u_b_c = u_a.astype(ct), u_b.astype(ct)
             a_star = p[pair.a_path].astype(ct) + u_a_c
             b_star = p[pair.b_path].astype(ct) + u_b_c
-            d_a, d_b = imbalance_step(pair, a_star, b_star, step)
+            d_a, d_b = imbalance_step(pair, a_star, b_star, step, safeguard=safeguard)
             new[pair.a_path] = (u_a_c + d_a).astype(u_a.dtype)
             new[pair.b_path] = (u_b_c + d_b).astype(u_b.dtype)
         return u.replace(new), ImbalanceRegularizationState(count=optax.safe_increment(state.count))
@@ -153,6 +230,7 @@ def ilora(
     weight_decay: float = 1e-4,
     mu_dtype: Any = None,
     mask: Any = None,
+    safeguard: float | None = SAFEGUARD,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""iLoRA: AdamW followed by the decoupled imbalance regularisation (SPEC §2.3).
@@ -177,6 +255,9 @@ def ilora(
       weight_decay: decoupled weight decay (paper experiments: 0.01).
       mu_dtype: dtype of Adam's first moment.
       mask: weight-decay mask, as in :func:`optax.adamw`.
+      safeguard: bound on the imbalance step for huge factors (inactive in the
+        normal regime; ``None``: the paper's step unconditionally), see
+        :func:`add_imbalance_regularization`.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
@@ -208,7 +289,7 @@ def ilora(
                 mu_dtype=mu_dtype,
                 mask=mask,
             ),
-            add_imbalance_regularization(strength, learning_rate, pairs=pairs),
+            add_imbalance_regularization(strength, learning_rate, safeguard=safeguard, pairs=pairs),
         ),
         "ilora",
     )
@@ -225,6 +306,7 @@ def pilora(
     delta: float = 1e-6,
     mu_dtype: Any = None,
     mask: Any = None,
+    safeguard: float | None = SAFEGUARD,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformation:
     r"""πLoRA: scaled AdamW followed by the decoupled imbalance regularisation.
@@ -248,6 +330,9 @@ def pilora(
       delta: damping ``δ`` of the r×r Gram matrices of the preconditioner.
       mu_dtype: dtype of Adam's first moment.
       mask: weight-decay mask, as in :func:`optax.adamw`.
+      safeguard: bound on the imbalance step for huge factors (inactive in the
+        normal regime; ``None``: the paper's step unconditionally), see
+        :func:`add_imbalance_regularization`.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
@@ -277,5 +362,5 @@ def pilora(
             mask=mask,
             pairs=pairs,
         ),
-        add_imbalance_regularization(strength, learning_rate, pairs=pairs),
+        add_imbalance_regularization(strength, learning_rate, safeguard=safeguard, pairs=pairs),
     )

@@ -120,7 +120,7 @@ def scale_by_lora_pro(
 
     def update_fn(updates, state, params=None):
         resolved = resolve_pairs(pairs, updates, what=what)
-        p = pair_params(resolved, params, what)
+        p = pair_params(resolved, params, what, updates=updates)
         u = LeafIndex(updates)
         new = {}
         for pair in resolved:
@@ -246,7 +246,7 @@ def scale_by_lora_pro_adam(
 
     def update_fn(updates, state, params=None):
         resolved = resolve_pairs(pairs, updates, what=what)
-        p = pair_params(resolved, params, what)
+        p = pair_params(resolved, params, what, updates=updates)
         u = LeafIndex(updates)
         mu, nu = LeafIndex(state.mu), LeafIndex(state.nu)
         t = state.count + 1

@@ -355,7 +355,7 @@ def scale_by_lora_rite(
 
     def update_fn(updates, state, params=None):
         resolved = resolve_pairs(pairs, updates, what=what)
-        p_index = pair_params(resolved, params, what)
+        p_index = pair_params(resolved, params, what, updates=updates)
         g_index = LeafIndex(updates)
         count = state.count
         groups = lora_rite_groups(resolved, p_index, stack_pairs=stack_pairs)

@@ -304,7 +304,7 @@ def scale_by_solora(
     def update_fn(updates, state, params=None, *, full_grads=None, **extra_args):
         del extra_args
         resolved = resolve_pairs(pairs, updates, what=what)
-        p = pair_params(resolved, params, what)
+        p = pair_params(resolved, params, what, updates=updates)
         u = LeafIndex(updates)
         fg = None if full_grads is None else LeafIndex(full_grads)
         stats, mom = LeafIndex(state.stats), LeafIndex(state.momentum)
