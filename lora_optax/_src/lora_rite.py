@@ -240,8 +240,9 @@ def scale_by_lora_rite(
     Two computational routes give the same updates (``basis``):
 
     * ``"gram"`` (default): never forms ``Q``. ``R`` is the Cholesky factor of the r×r
-      Gram matrix ``XᵀX = RᵀR`` (the QR ``R`` with a non-negative diagonal), inverted by
-      a triangular solve; when a factor is numerically rank deficient (a Cholesky pivot
+      Gram matrix ``XᵀX = RᵀR`` (the QR ``R`` with a non-negative diagonal), inverted
+      as a triangular matrix (substitution up to 16×16, recursive 2×2 blocking above);
+      when a factor is numerically rank deficient (a Cholesky pivot
       ``≤ r·ε·tr XᵀX``, e.g. ``B = 0``), ``R⁺`` is instead the pseudo-inverse of the
       polar factor ``(XᵀX)^½`` from an eigendecomposition (eigenvalues below
       ``r·ε·λ_max`` count as zero). ``P = R_new⁺ᵀ (X_newᵀ X_prev) R_prev⁺``, so the
@@ -249,7 +250,10 @@ def scale_by_lora_rite(
       contractions with r×r matrices.
     * ``"qr"``: Householder QR of each factor (``jnp.linalg.qr``), ``R⁺`` by
       ``jnp.linalg.pinv``, ``P = Qᵀ Q_prev``; the state stores ``Q``. Slow on CPU and
-      accelerators; kept as the literal form of the algorithm.
+      accelerators; kept as the literal form of the algorithm. Known issue: with
+      jaxlib 0.10.2 on a 2-core CPU, the batched QR of a large tree (72 pairs of the
+      Gemma-2B LoRA tree) deadlocked inside jaxlib's parallel batch loop (both pool
+      threads waiting on sub-tasks queued behind them); use ``"gram"`` there.
 
     The two routes express the moments in different (equally valid) orthonormal bases,
     so their states differ by an r×r rotation while their updates agree; with
