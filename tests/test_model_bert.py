@@ -337,6 +337,6 @@ def test_minilm_files_come_from_the_installed_package():
     from lora_optax.models.bert import minilm_files
 
     files = minilm_files()
-    assert files.directory == Path(gt.__file__).resolve().parent / "model"
+    assert files.directory.resolve() == Path(gt.__file__).resolve().parent / "model"
     for f in (files.weights, files.config, files.tokenizer):
         assert f.is_file() and f.parent == files.directory
