@@ -35,15 +35,6 @@ def imbalance_ratio(pair: LoRAPair, b_shape: tuple[int, ...]) -> float:
     return pair.rank / n_out
 
 
-def _exp2(k: jax.Array, dtype: Any) -> jax.Array:
-    """``2**k`` for integer ``k``, exactly (built from its bits), in float32 or float64."""
-    info = jnp.finfo(dtype)
-    bias = int(info.maxexp) - 1
-    int_t = jnp.int32 if info.bits == 32 else jnp.int64
-    bits = (k.astype(int_t) + bias) << int(info.nmant)
-    return jax.lax.bitcast_convert_type(bits, dtype)
-
-
 def _inf_norm(m: jax.Array) -> jax.Array:
     """``max_i Σ_j |m_ij|`` of batched square matrices, an upper bound of the spectral
     norm of a symmetric matrix (at most √r times too large), kept as ``(*batch, 1, 1)``."""
@@ -82,16 +73,18 @@ def imbalance_step(
         )
         info = jnp.finfo(ct)
         e = jnp.clip(jnp.frexp(big)[1], 3 - int(info.maxexp), int(info.maxexp) - 3)
-        a_s, b_s = a_m * _exp2(-e, ct), b_m * _exp2(-e, ct)
+        one = jnp.ones((), ct)
+        pow_e, pow_neg_e = jnp.ldexp(one, e), jnp.ldexp(one, -e)  # exact: |e| < maxexp - 2
+        a_s, b_s = a_m * pow_neg_e, b_m * pow_neg_e
         d = linalg.gram_cols(a_s) - jnp.asarray(rho, ct) * linalg.gram_rows(b_s)  # D/2^{2e}
         nu = max(1.0, rho) * _inf_norm(d)  # ν / 2^{2e}, ν ≥ max(1, ρ)‖D‖₂
-        c_s = c * _exp2(e, ct) * _exp2(e, ct)  # c·2^{2e}; inf if it overflows
+        c_s = c * pow_e * pow_e  # c·2^{2e}; inf if it overflows
         tau = jnp.asarray(safeguard, ct)
         coef = jnp.where(c_s * nu <= tau, c_s, tau / jnp.where(nu > 0, nu, 1))
         # One scalar factor per product (c·2^{3e} while inactive), as in the plain
         # formula, so that XLA contracts it with the caller's addition the same way;
         # D = 0 (no step) must not meet an overflowed c·2^{3e}.
-        coef = jnp.where(nu > 0, coef * _exp2(e, ct), 0)
+        coef = jnp.where(nu > 0, coef * pow_e, 0)
         delta_a = -coef * jnp.matmul(a_s, d)
         delta_b = (coef * rho) * jnp.matmul(d, b_s)
     return (

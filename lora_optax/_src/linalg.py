@@ -215,8 +215,7 @@ def tril_inverse(l: jax.Array) -> jax.Array:
     n = l.shape[-1]
     x = jnp.tril(l)
     if n <= _TRSM_BLOCK:
-        eye = jnp.zeros_like(x) + jnp.eye(n, dtype=x.dtype)
-        return jax.lax.linalg.triangular_solve(x, eye, left_side=True, lower=True)
+        return jax.lax.linalg.triangular_solve(x, eye_like(x), left_side=True, lower=True)
     size = _TRSM_BLOCK << (-(-n // _TRSM_BLOCK) - 1).bit_length()
     if size != n:
         pad = [(0, 0)] * (l.ndim - 2) + [(0, size - n), (0, size - n)]
