@@ -40,7 +40,9 @@ CASES: list[OptimizerCase] = [
     OptimizerCase("ilora", lox.ilora, 1e-2),
     OptimizerCase("pilora", lox.pilora, 1e-2),
     OptimizerCase("lora_one", lox.lora_one, 1e-2),
-    OptimizerCase("lora_rite", lox.lora_rite, 3e-2),
+    # 3e-2 sits at the edge of stability on this problem: whether the skip test freezes
+    # the dense pair at a bad point there depended on the CPU's float rounding.
+    OptimizerCase("lora_rite", lox.lora_rite, 1e-2),
     # Further optimizers add their case here.
 ]
 

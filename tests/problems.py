@@ -1,8 +1,8 @@
 """Small LoRA problems shared by the tests.
 
-``FactorizationProblem`` fits three LoRA pairs of different layouts — a 2-D pair, a
-stacked pair (two layers) and a qwix-style multi-axis pair — plus a bias that is in
-no pair, to low-rank targets:
+``FactorizationProblem`` fits four LoRA pairs of different layouts — a 2-D pair, a
+stacked pair (two layers), a qwix-style multi-axis pair and a square pair (m = n) —
+plus a bias that is in no pair, to low-rank targets:
 
     L = Σ_pairs ½‖s·A B − W*‖²_F + ½‖b − b*‖²
 
@@ -25,11 +25,14 @@ LAYOUT: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple, tuple]] = {
     "dense": ((16, 4), (4, 12), ("data", None), (None, "model")),
     "stacked": ((2, 8, 3), (2, 3, 10), (None, "data", None), (None, None, "model")),
     "einsum": ((12, 4), (4, 2, 5), ("data", None), (None, "model", None)),
+    # m = n (d_model × d_model projections): a method that swaps row and column
+    # quantities (statistics, Gram sides) runs silently here instead of failing on shapes.
+    "square": ((16, 3), (3, 16), ("data", None), (None, "model")),
 }
 BIAS_SHAPE = (12,)
 BIAS_SPEC = ("model",)
-A_KEY = {"dense": "lora_a", "stacked": "lora_a", "einsum": "w_lora_a"}
-B_KEY = {"dense": "lora_b", "stacked": "lora_b", "einsum": "w_lora_b"}
+A_KEY = {"dense": "lora_a", "stacked": "lora_a", "einsum": "w_lora_a", "square": "lora_a"}
+B_KEY = {"dense": "lora_b", "stacked": "lora_b", "einsum": "w_lora_b", "square": "lora_b"}
 
 
 def lowrank_product(a: jax.Array, b: jax.Array, batch: int) -> jax.Array:

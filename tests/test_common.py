@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
 
 from tests.optimizer_cases import CASES, OptimizerCase, case_ids, extra_args
-from tests.problems import FactorizationProblem, shard_params
+from tests.problems import LAYOUT, FactorizationProblem, shard_params
 
 PARAMETRIZE = pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 
@@ -200,6 +200,13 @@ def _tail_matches(state_path, param_paths):
     return None
 
 
+def _rr(param_path):
+    """The r×r shape of the pair that owns a parameter (an m×n state of a square pair
+    is not r×r)."""
+    rank = LAYOUT[param_path[0]][0][-1] if param_path[0] in LAYOUT else None
+    return (rank, rank)
+
+
 def _key_path(kp):
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in kp)
 
@@ -237,7 +244,7 @@ def _check_sharding_stable(case, problem, mesh):
                     leaf.sharding,
                     param_leaves[owner].sharding,
                 )
-            elif owner is not None and leaf.ndim >= 2 and leaf.shape[-1] == leaf.shape[-2]:
+            elif owner is not None and leaf.ndim >= 2 and leaf.shape[-2:] == _rr(owner):
                 # r×r statistics: replicated over the non-batch axes.
                 spec = tuple(leaf.sharding.spec) + (None,) * leaf.ndim
                 assert spec[leaf.ndim - 2 : leaf.ndim] == (None, None), (path, leaf.sharding)

@@ -312,13 +312,14 @@ def test_safeguard_matches_formula_in_extreme_regime():
         ("stacked", 0, True),
         ("stacked", 1, False),
         ("einsum", 0, False),
+        ("square", 0, False),
     ]
 
 
 def test_safeguard_bounds_and_long_run_finite():
     """When the safeguard acts, each factor changes by at most ``τ`` times its spectral
     norm and (τ = 2, the Euler stability limit) a factor that dominates in every
-    direction (``D ⪰ 0`` for A, ``D ⪯ 0`` for B) is never enlarged; 400 steps from
+    direction (``D ⪰ 0`` for A, ``D ⪯ 0`` for B) is never enlarged; 800 steps from
     1e8-scale factors stay finite and reach balance."""
     rng = np.random.default_rng(0)
     a = rng.normal(size=(12, 4)) / np.sqrt(12)
@@ -330,7 +331,9 @@ def test_safeguard_bounds_and_long_run_finite():
             "lora_a": jnp.asarray(scale_a * a, jnp.float32),
             "lora_b": jnp.asarray(scale_b * b, jnp.float32),
         }
-        history = _regularize(params, 1e-2, 1.0, 2.0, steps=400)
+        # From 1e8 the capped steps oscillate for a few hundred steps before they settle;
+        # when they settle depends on float rounding (400 steps was not always enough).
+        history = _regularize(params, 1e-2, 1.0, 2.0, steps=800)
         for before, after in itertools.pairwise(history[:30]):
             x = {k: np.asarray(v, np.float64) for k, v in before.items()}
             y = {k: np.asarray(v, np.float64) for k, v in after.items()}

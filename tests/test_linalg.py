@@ -50,3 +50,20 @@ def test_solve_right_spd_matches_numpy(x64):
     got = np.asarray(linalg.solve_right_spd(jnp.asarray(g), jnp.asarray(m), 0.5))
     want = g @ np.linalg.inv(m + 0.5 * np.eye(24))
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_gram_factor_pinv_drops_a_near_null_direction():
+    """The Cholesky route is taken only when every pivot exceeds ``r·ε·tr K``: a Gram
+    matrix with an eigenvalue of 2.5·ε (below r·ε·tr K = 3·ε·(2 + 2.5ε)) must take the
+    pseudo-inverse route, which drops that direction (‖R⁺‖₂ = 1), instead of inverting
+    it (‖R⁺‖₂ = 1/√(2.5ε) ≈ 1.8e3)."""
+    eps = float(np.finfo(np.float32).eps)
+    k = jnp.diag(jnp.asarray([1.0, 1.0, 2.5 * eps], jnp.float32))
+    rinv = np.asarray(linalg.gram_factor_pinv(k), np.float64)
+    assert np.linalg.norm(rinv, 2) <= 1.0 + 1e-6
+    # A well-conditioned K keeps every direction: R⁺ is a true inverse factor.
+    k_ok = jnp.diag(jnp.asarray([1.0, 1.0, 0.25], jnp.float32))
+    rinv_ok = np.asarray(linalg.gram_factor_pinv(k_ok), np.float64)
+    np.testing.assert_allclose(
+        rinv_ok.T @ np.diag([1.0, 1.0, 0.25]) @ rinv_ok, np.eye(3), atol=1e-6
+    )

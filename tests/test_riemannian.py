@@ -228,3 +228,48 @@ def test_scale_invariance_of_scaled_gd(x64):
 def test_learning_rate_validation(make):
     with pytest.raises(ValueError, match="learning_rate"):
         make(-1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_random_low_precision_factors_match_float32_bitwise(dtype):
+    """Random bf16/f16 factors (not exact in low precision, unlike 0s and 1s): the Gram
+    matrices must be accumulated in float32, so the update equals the float32
+    computation rounded to the factor dtype, bit for bit."""
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((32, 4)) / 6).astype(np.float32)
+    b = (0.3 * rng.standard_normal((4, 16))).astype(np.float32)
+    g = {"lora_a": rng.standard_normal((32, 4)), "lora_b": rng.standard_normal((4, 16))}
+    params = {"lora_a": jnp.asarray(a, dtype), "lora_b": jnp.asarray(b, dtype)}
+    grads = {k: jnp.asarray(v, dtype) for k, v in g.items()}
+    tx = lox.scale_by_riemannian_preconditioner(delta=1e-3)
+    out, _ = tx.update(grads, tx.init(params), params)
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (grads, params))
+    want, _ = tx.update(f32[0], tx.init(f32[1]), f32[1])
+    for k in out:
+        assert out[k].dtype == dtype
+        mismatches = int(np.sum(np.asarray(out[k]) != np.asarray(want[k].astype(dtype))))
+        assert mismatches == 0, f"{k}: {mismatches} entries differ from float32 rounded"
+
+
+def test_damping_floor_dominates_in_float32():
+    """Pins the relative damping floor ``r·ε·tr(K)``: with one row of B scaled by 1e4
+    (tr(BBᵀ) ≈ 1.6e9, r = 4) the floor is far above δ, and the float32 result must equal
+    ``g_A (BBᵀ + (δ + r·ε·tr BBᵀ) I)⁻¹`` computed in float64."""
+    rng = np.random.default_rng(3)
+    r, delta = 4, 1e-6
+    a = rng.standard_normal((24, r)).astype(np.float32)
+    b = rng.standard_normal((r, 40)).astype(np.float32)
+    b[1] *= 1e4
+    g_a = rng.standard_normal((24, r)).astype(np.float32)
+    g_b = rng.standard_normal((r, 40)).astype(np.float32)
+    params = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
+    grads = {"lora_a": jnp.asarray(g_a), "lora_b": jnp.asarray(g_b)}
+    tx = lox.scale_by_riemannian_preconditioner(delta=delta)
+    out, _ = tx.update(grads, tx.init(params), params)
+    eps32 = float(np.finfo(np.float32).eps)
+    k_b = b.astype(np.float64) @ b.T.astype(np.float64)
+    damp = delta + r * eps32 * np.trace(k_b)
+    assert damp > 1e3 * delta  # the floor, not δ, sets the damping here
+    want = g_a.astype(np.float64) @ np.linalg.inv(k_b + damp * np.eye(r))
+    err = np.linalg.norm(np.asarray(out["lora_a"], np.float64) - want) / np.linalg.norm(want)
+    assert err < 1e-4, err

@@ -2,8 +2,9 @@
 
 Expected trajectories come from ``tests/reference.py`` (float64 NumPy, written from
 SPEC §2.5 independently of the library), applied per stacked-layer slice to the 2-D
-matrix views of each pair of ``FactorizationProblem`` (a 2-D pair, a stacked pair and
-a qwix-style multi-axis pair, LoRA scale ``s = 2.5``).
+matrix views of each pair of ``FactorizationProblem`` (a 2-D pair, a stacked pair, a
+qwix-style multi-axis pair and a square pair whose row and column statistics differ,
+LoRA scale ``s = 2.5``).
 """
 
 from __future__ import annotations
@@ -490,3 +491,44 @@ def test_large_steps_stay_finite(problem):
     for _ in range(40):
         params, state = step(params, state)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((params, state)))
+
+
+@pytest.mark.parametrize("momentum", [None, 0.7])
+def test_square_pair_keeps_row_and_column_statistics_apart(x64, momentum):
+    """A square pair (m = n) alone: a swap of the input (row) and output (column)
+    statistics cannot fail on shapes here, so the values must pin it down. G has rows
+    and columns of very different scales, so the two statistics differ."""
+    rng = np.random.default_rng(7)
+    m = n = 12
+    g_full = rng.normal(size=(m, n)) * np.logspace(0, 2, m)[:, None] * np.linspace(1, 3, n)
+    a, b = rng.normal(size=(m, 3)) / np.sqrt(m), rng.normal(size=(3, n)) * 0.3
+    params = _f64({"sq": {"lora_a": a, "lora_b": b}})
+    beta, lr, delta = 0.9, 1e-3, 1e-6
+    if momentum is None:
+        tx = lox.solora_sgd(lr, beta=beta, delta=delta, pairs=PAIRS)
+        ref_state = ref.solora_sgd_init(a, b)
+    else:
+        tx = lox.solora_adamw(
+            lr, beta=beta, momentum=momentum, weight_decay=0.0, delta=delta, pairs=PAIRS
+        )
+        ref_state = ref.solora_adamw_init(a, b)
+    state = tx.init(params)
+    for _ in range(3):
+        pa, pb = np.asarray(params["sq"]["lora_a"]), np.asarray(params["sq"]["lora_b"])
+        grads = _f64({"sq": {"lora_a": SCALE * g_full @ pb.T, "lora_b": SCALE * pa.T @ g_full}})
+        updates, state = _update(tx, grads, state, params, full_grads=_f64({"sq": g_full}))
+        params = optax.apply_updates(params, updates)
+        if momentum is None:
+            ra, rb, ref_state = ref.solora_sgd_step(
+                pa, pb, g_full, ref_state, lr, beta, SCALE, delta=delta
+            )
+        else:
+            ra, rb, ref_state = ref.solora_adamw_step(
+                pa, pb, g_full, ref_state, lr, beta, momentum, 0.0, SCALE, delta=delta
+            )
+        np.testing.assert_allclose(params["sq"]["lora_a"], ra, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(params["sq"]["lora_b"], rb, rtol=1e-9, atol=1e-12)
+    stats = state[0].stats["sq"]
+    np.testing.assert_allclose(stats["lora_a"], ref_state.r_in, rtol=1e-12)
+    np.testing.assert_allclose(stats["lora_b"], ref_state.l_out, rtol=1e-12)
+    assert not np.allclose(ref_state.r_in, ref_state.l_out, rtol=0.1)
