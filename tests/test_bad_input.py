@@ -393,3 +393,20 @@ def test_optax_wrappers_keep_the_checks(problem):
     multi = optax.MultiSteps(lox.scaled_sgd(0.1), every_k_schedule=2)
     _raises(lambda: multi.update(wrong, multi.init(params), params))
     assert np.isfinite(float(problem.loss(params)))
+
+
+@pytest.mark.parametrize("name", ["scaled_adamw", "lora_rite", "lora_one", "ilora"])
+def test_bf16_injected_beta_names_hyperparam_dtype(name):
+    """``inject_hyperparams`` on bf16 params stores b2 = 0.999 as bf16 1.0 (plain
+    optax.adamw then silently turns to NaN); the error must name the fix."""
+    params = {"lora_a": jnp.ones((8, 2), jnp.bfloat16), "lora_b": jnp.zeros((2, 8), jnp.bfloat16)}
+    factory = getattr(lox, name)
+    tx = optax.inject_hyperparams(factory)(learning_rate=1e-3, b2=0.999)
+    with pytest.raises(ValueError, match=r"b2.*hyperparam_dtype=jnp\.float32"):
+        tx.init(params)
+    tx = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(
+        learning_rate=1e-3, b2=0.999
+    )
+    state = tx.init(params)
+    updates, _ = tx.update(params, state, params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

@@ -67,7 +67,25 @@ def check_positive(value: Any, name: str) -> None:
 
 def check_betas(**betas: Any) -> None:
     for name, value in betas.items():
+        _check_not_rounded_to_one(value, name)
         check_in_range(value, name, 0.0, 1.0)
+
+
+def _check_not_rounded_to_one(value: Any, name: str) -> None:
+    """A decay rate held in a low-precision array that rounded to 1 (bf16 has no number
+    between 0.996 and 1): the typical cause is ``optax.inject_hyperparams`` storing the
+    hyperparameters in the dtype of bf16 params."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        return
+    if jax.numpy.finfo(dtype).bits > 16 or _concrete(value) != 1.0:
+        return
+    raise ValueError(
+        f"{name} is {value!r}: a {dtype} hyperparameter rounds decay rates such as 0.999 "
+        "to 1. With optax.inject_hyperparams on bfloat16 params, pass "
+        "`hyperparam_dtype=jnp.float32` (e.g. optax.inject_hyperparams(lora_optax.lora_rite, "
+        "hyperparam_dtype=jnp.float32)(learning_rate=1e-3))."
+    )
 
 
 def require_params(params: Any, what: str) -> None:
