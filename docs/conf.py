@@ -74,6 +74,7 @@ nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_execution_timeout = 300
 nb_merge_streams = True
+nb_render_markdown_format = "myst"  # tables in Markdown outputs
 
 # HTML
 html_theme = "sphinx_book_theme"
@@ -88,9 +89,11 @@ html_static_path: list[str] = []
 def _drop_type_docstring(app, what, name, obj, options, lines):
     # A module constant without its own docstring would show its type's (dict, str, ...);
     # its page shows the value instead.
-    if what in ("data", "attribute") and type(obj).__doc__ and "\n".join(lines).strip() == (
-        type(obj).__doc__ or ""
-    ).strip():
+    if (
+        what in ("data", "attribute")
+        and type(obj).__doc__
+        and "\n".join(lines).strip() == (type(obj).__doc__ or "").strip()
+    ):
         lines.clear()
 
 

@@ -91,9 +91,16 @@ def write_pages(app: Sphinx) -> None:
     out = Path(app.srcdir) / "api"
     out.mkdir(exist_ok=True)
     pages = api_modules()
-    index = ["API reference", "=============", "",
-             "Every name in the ``__all__`` of the public modules.", "",
-             ".. toctree::", "   :maxdepth: 2", ""]
+    index = [
+        "API reference",
+        "=============",
+        "",
+        "Every name in the ``__all__`` of the public modules.",
+        "",
+        ".. toctree::",
+        "   :maxdepth: 2",
+        "",
+    ]
     for name, names in pages.items():
         children = [c for c in pages if c.rsplit(".", 1)[0] == name and c != name]
         text = _rst(name, names, children)
@@ -111,8 +118,12 @@ def check_documented(app: Sphinx, exception: Exception | None) -> None:
     if exception is not None:
         return
     objects = app.env.get_domain("py").objects
-    missing = [f"{module}.{n}" for module, names in api_modules().items() for n in names
-               if f"{module}.{n}" not in objects]
+    missing = [
+        f"{module}.{n}"
+        for module, names in api_modules().items()
+        for n in names
+        if f"{module}.{n}" not in objects
+    ]
     for full in missing:
         logger.warning("public name %s is not documented in the API reference", full)
 
