@@ -49,6 +49,11 @@ templates_path = ["_templates"]
 autosummary_generate = True
 autosummary_ignore_module_all = False
 autodoc_typehints = "signature"
+# optax's alias instead of its expansion (a float, an array or a schedule)
+autodoc_type_aliases = {
+    "base.ScalarOrSchedule": "optax.ScalarOrSchedule",
+    "ScalarOrSchedule": "optax.ScalarOrSchedule",
+}
 autodoc_member_order = "bysource"
 autodoc_preserve_defaults = True
 napoleon_google_docstring = True
@@ -73,7 +78,8 @@ nb_execution_mode = "force"
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_execution_timeout = 300
-nb_merge_streams = True
+nb_merge_streams = False
+nb_output_stderr = "remove"  # progress bars and library warnings stay out of the pages
 nb_render_markdown_format = "myst"  # tables in Markdown outputs
 
 # HTML
