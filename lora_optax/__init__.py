@@ -51,8 +51,7 @@ from lora_optax._src.solora import (
     solora_adamw,
     solora_sgd,
 )
-
-__version__ = "0.1.0"
+from lora_optax._version import __version__ as __version__
 
 __all__ = [
     "ImbalanceRegularizationState",
