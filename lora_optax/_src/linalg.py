@@ -14,13 +14,26 @@ only the sharding of the batch axes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from lora_optax._src.pairs import LoRAPair
+
+
+class PairMatrices(NamedTuple):
+    """The matrix views of one pair's gradients and factors (or of a stacked group).
+
+    ``g_a``, ``a``: ``(*batch, m, r)``; ``g_b``, ``b``: ``(*batch, r, n)``; ``a`` and
+    ``b`` are ``None`` for transformations that do not read the params.
+    """
+
+    g_a: jax.Array
+    g_b: jax.Array
+    a: jax.Array | None
+    b: jax.Array | None
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -232,6 +245,20 @@ def tril_inverse(l: jax.Array) -> jax.Array:
 def solve_left_spd(m: jax.Array, g: jax.Array, delta: Any) -> jax.Array:
     """``(M + δI)⁻¹ g`` for SPD ``M (*batch, r, r)`` and ``g (*batch, r, k)``."""
     return _mt(solve_right_spd(_mt(g), m, delta))
+
+
+def riemannian_precondition(m: PairMatrices, delta: Any) -> tuple[jax.Array, jax.Array]:
+    """``(g_A (B Bᵀ + δI)⁻¹, (AᵀA + δI)⁻¹ g_B)`` on matrix views, in float32+.
+
+    ``δ`` is raised by the relative floor ``r·ε·tr(K)`` of :func:`safe_damping` (``r``
+    the rank): a fixed ``δ`` far below the float32 resolution of an ill-conditioned
+    Gram matrix would let its Cholesky factorisation fail (NaN).
+    """
+    k_b, k_a = gram_rows(m.b), gram_cols(m.a)
+    rel = float(m.g_a.shape[-1])  # Cholesky's backward error grows with the matrix size
+    new_g_a = solve_right_spd(m.g_a, k_b, safe_damping(k_b, delta, rel=rel))
+    new_g_b = solve_left_spd(k_a, m.g_b, safe_damping(k_a, delta, rel=rel))
+    return new_g_a, new_g_b
 
 
 def inv_sqrt_psd(m: jax.Array, *, eps: Any = 0.0, shift: Any = 0.0) -> jax.Array:

@@ -27,7 +27,7 @@ Path = tuple[str, ...]
 
 # Leaf keys that wrap the array of a variable object (flax ``nnx.Variable`` flattens
 # to its value under one of these keys); they are skipped when naming a leaf.
-_WRAPPER_KEYS = frozenset({"value", "raw_value"})
+WRAPPER_KEYS = frozenset({"value", "raw_value"})
 
 _QWIX_A = re.compile(r"^(?P<stem>.+)_lora_a$", re.IGNORECASE)
 _QWIX_B = re.compile(r"^(?P<stem>.+)_lora_b$", re.IGNORECASE)
@@ -109,6 +109,11 @@ def _key_str(key: Any) -> str:
     return str(key)
 
 
+def key_path(keys: Iterable[Any]) -> Path:
+    """The normalised path of a jax key path (dict keys, attributes, indices as strings)."""
+    return tuple(_key_str(k) for k in keys)
+
+
 def _is_array_like(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
@@ -124,7 +129,7 @@ class LeafIndex:
     def __init__(self, tree: Any):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
         self.leaves = [leaf for _, leaf in flat]
-        self.paths: list[Path] = [tuple(_key_str(k) for k in kp) for kp, _ in flat]
+        self.paths: list[Path] = [key_path(kp) for kp, _ in flat]
         self.index = {p: i for i, p in enumerate(self.paths)}
 
     def __contains__(self, path: Path) -> bool:
@@ -152,7 +157,7 @@ class LeafIndex:
 
 def _leaf_name(path: Path) -> tuple[Path, str]:
     """(parent path, name) of a leaf, looking through variable wrapper keys."""
-    if len(path) >= 2 and path[-1] in _WRAPPER_KEYS:
+    if len(path) >= 2 and path[-1] in WRAPPER_KEYS:
         return path[:-2], path[-2]
     return path[:-1], path[-1] if path else ""
 
@@ -420,9 +425,9 @@ def _rebase_path(path: Path, index: LeafIndex) -> Path:
     """
     if path in index:
         return path
-    if path and path[-1] in _WRAPPER_KEYS and path[:-1] in index:
+    if path and path[-1] in WRAPPER_KEYS and path[:-1] in index:
         return path[:-1]
-    for key in _WRAPPER_KEYS:
+    for key in WRAPPER_KEYS:
         if (*path, key) in index:
             return (*path, key)
     return path
@@ -514,7 +519,7 @@ def full_grad_paths(pair: LoRAPair) -> tuple[Path, ...]:
         candidates.append(parent + (stem.group("stem"),))
     out: list[Path] = []
     for c in candidates:
-        out.extend([c] + [c + (k,) for k in sorted(_WRAPPER_KEYS)])
+        out.extend([c] + [c + (k,) for k in sorted(WRAPPER_KEYS)])
     return tuple(out)
 
 
