@@ -2,7 +2,7 @@
 
 Factors are viewed as batched matrices: ``A (*batch, *in, r) -> (*batch, m, r)`` and
 ``B (*batch, r, *out) -> (*batch, r, n)``. All r×r algebra runs in float32 or wider,
-whatever the parameter dtype (SPEC §2), and never forms an explicit inverse of a
+whatever the parameter dtype, and never forms an explicit inverse of a
 possibly singular matrix: B = 0 at initialisation is the normal case.
 
 Contractions over the long (m or n) axes are written so that they also run on

@@ -2,7 +2,7 @@
 
 Every optimizer of the library receives ordinary pytrees. This module is the one
 place that decides which leaves are LoRA factors, pairs them, and works out how each
-factor maps to a matrix (SPEC §1):
+factor maps to a matrix (see also the Notation page of the documentation):
 
 * ``A`` has shape ``(*batch, *in_axes, r)`` and is read as a ``m × r`` matrix;
 * ``B`` has shape ``(*batch, r, *out_axes)`` and is read as a ``r × n`` matrix;
