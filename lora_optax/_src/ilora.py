@@ -239,10 +239,8 @@ def ilora(
 
     Args:
       learning_rate: a float or an optax schedule (also scales the regularisation).
-      b1, b2, eps, eps_root: Adam's decay rates and denominator epsilons.
-      mu_dtype: dtype of Adam's first moment.
-      weight_decay: decoupled weight decay (paper experiments: 0.01).
-      mask: weight-decay mask, as in :func:`optax.adamw`.
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`
+        (the paper's experiments use weight_decay 0.01).
       strength: the regularisation strength ``λ``.
       safeguard: bound on the imbalance step for huge factors (inactive in the
         normal regime; ``None``: the paper's step unconditionally), see
@@ -253,12 +251,14 @@ def ilora(
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``params``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
-      >>> tx = lora_optax.ilora(1e-3, strength=0.1)
-      >>> state = tx.init(params)
+      >>> import jax, jax.numpy as jnp, optax, lora_optax
+      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 8))}
       >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> tx, adamw = lora_optax.ilora(1e-3, strength=0.0), optax.adamw(1e-3)
+      >>> u, _ = tx.update(grads, tx.init(params), params)  # λ = 0: exactly AdamW
+      >>> v, _ = adamw.update(grads, adamw.init(params), params)
+      >>> bool(jnp.array_equal(u["lora_a"], v["lora_a"]))
+      True
 
     References:
       Zhu, Wu, Gu & Cevher, *Imbalance-Regularized LoRA: A Plug-and-Play Method for
@@ -302,10 +302,7 @@ def pilora(
 
     Args:
       learning_rate: a float or an optax schedule (also scales the regularisation).
-      b1, b2, eps, eps_root: Adam's decay rates and denominator epsilons.
-      mu_dtype: dtype of Adam's first moment.
-      weight_decay: decoupled weight decay.
-      mask: weight-decay mask, as in :func:`optax.adamw`.
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`.
       strength: the regularisation strength ``λ``.
       delta: damping ``δ`` of the r×r Gram matrices of the preconditioner.
       safeguard: bound on the imbalance step for huge factors (inactive in the
@@ -318,11 +315,12 @@ def pilora(
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
-      >>> tx = lora_optax.pilora(1e-3)
-      >>> state = tx.init(params)
-      >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> params = {"lora_a": 2.0 * jnp.ones((8, 2)), "lora_b": jnp.ones((2, 8))}
+      >>> no_grad = jax.tree.map(jnp.zeros_like, params)
+      >>> tx = lora_optax.pilora(1e-2, weight_decay=0.0)
+      >>> updates, _ = tx.update(no_grad, tx.init(params), params)
+      >>> bool(jnp.all(updates["lora_a"] < 0))  # AᵀA > ρBBᵀ: the step shrinks A
+      True
 
     References:
       Zhu, Wu, Gu & Cevher, *Imbalance-Regularized LoRA: A Plug-and-Play Method for

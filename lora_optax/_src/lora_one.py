@@ -444,7 +444,7 @@ def scale_by_adam_uncorrected(
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (needs no ``params``).
     """
-    pairwise.check_adam_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    pairwise.check_adamw_hyperparams(None, b1, b2, eps, eps_root)
 
     def init_fn(params):
         return optax.ScaleByAdamState(
@@ -506,10 +506,8 @@ def lora_one(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, eps_root: Adam's decay rates and denominator epsilons.
-      mu_dtype: dtype of Adam's first moment.
-      weight_decay: decoupled weight decay (multiplied by the learning rate).
-      mask: weight-decay mask, as in :func:`optax.adamw`.
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`
+        (``eps`` outside the root).
       delta: damping ``δ`` (the slides' ``λ``) of the r×r Gram matrices; 1e-6 as in
         the reference code.
       bias_correction: apply Adam's bias correction (default False, reference code).
@@ -520,11 +518,12 @@ def lora_one(
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 8))}
+      >>> params = {"q": {"lora_a": jnp.zeros((6, 2)), "lora_b": jnp.zeros((2, 4))}}
+      >>> full_grads = {"q": jnp.arange(24.0).reshape(6, 4) - 11.0}  # G of the base weight
+      >>> params = lora_optax.spectral_init_pairs(params, full_grads)  # LoRA-One's init
       >>> tx = lora_optax.lora_one(1e-3)
-      >>> state = tx.init(params)
       >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> updates, state = tx.update(grads, tx.init(params), params)
 
     References:
       Zhang, Liu & Chen, *LoRA-One: One-Step Full Gradient Could Suffice for
@@ -533,14 +532,7 @@ def lora_one(
       LoRA for Fine-Tuning Foundation Models*, ICML 2024,
       https://arxiv.org/abs/2402.02347.
     """
-    pairwise.check_adam_hyperparams(
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_root=eps_root,
-        weight_decay=weight_decay,
-    )
+    pairwise.check_adamw_hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay)
     if bias_correction:
         adam: optax.GradientTransformation = optax.scale_by_adam(
             b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype

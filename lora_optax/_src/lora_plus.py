@@ -66,10 +66,7 @@ def lora_plus(
 
     Args:
       learning_rate: learning rate of ``A`` (float or optax schedule).
-      b1, b2, eps, eps_root: Adam's decay rates and denominator epsilons.
-      mu_dtype: dtype of Adam's first moment.
-      weight_decay: decoupled weight decay.
-      mask: weight-decay mask, as in :func:`optax.adamw`.
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`.
       ratio: ``η_B / η_A`` (LoRA+ and PEFT: 16 = 2⁴; the LoRA-RITE paper used 4 for
         decoder models).
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.

@@ -138,9 +138,11 @@ def lora_pro_sgd(
     Example:
       >>> import jax, jax.numpy as jnp, lora_optax
       >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
+      >>> grads = {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.ones((2, 8))}  # g_A = s G Bᵀ = 0
       >>> tx = lora_optax.lora_pro_sgd(0.1)
-      >>> state = tx.init(params)
-      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> float(jnp.abs(updates["lora_a"]).max())  # B = 0: g̃_A = 0 (the authors' first step)
+      0.0
 
     References:
       Wang, Liang, He, Wang & Tan, *LoRA-Pro: Are Low-Rank Adapters Properly
@@ -243,7 +245,7 @@ def scale_by_lora_pro_adam(
       Optimized?*, ICLR 2025, Alg. 1, https://arxiv.org/abs/2407.18242; authors' code
       https://github.com/mrflogs/LoRA-Pro.
     """
-    pairwise.check_adam_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    pairwise.check_adamw_hyperparams(None, b1, b2, eps, eps_root)
     base.check_non_negative(delta, "delta")
     what = "scale_by_lora_pro_adam"
     hyper = (b1, b2, eps, eps_root, delta)
@@ -278,9 +280,7 @@ def scale_by_lora_pro_adam(
             na, nb, new_mu[pair.a_path], new_nu[pair.a_path] = _adam_pulled_back(
                 pair, m, moments, t, hyper
             )
-            ua, ub = u[pair.a_path], u[pair.b_path]
-            new_u[pair.a_path] = linalg.from_matrix(na, ua.shape, pair).astype(ua.dtype)
-            new_u[pair.b_path] = linalg.from_matrix(nb, ub.shape, pair).astype(ub.dtype)
+            new_u.update(pairwise.factor_updates(pair, u, na, nb))
         new_state = ScaleByLoRAProAdamState(
             count=optax.safe_increment(state.count),
             mu=mu.replace(new_mu),
@@ -316,10 +316,8 @@ def lora_pro_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, eps_root: Adam's parameters (authors: 0.9, 0.999, 1e-8, 0).
-      mu_dtype: dtype of the first moments.
-      weight_decay: decoupled weight decay (authors' scripts: 0).
-      mask: weight-decay mask, as in :func:`optax.adamw`.
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`
+        (the authors use 0.9, 0.999, 1e-8, 0 and no weight decay).
       delta: damping of ``AᵀA`` and ``BBᵀ`` (see :func:`scale_by_lora_pro`).
       pairs: pair spec.
 
@@ -327,11 +325,12 @@ def lora_pro_adamw(
       An :class:`optax.GradientTransformationExtraArgs`.
 
     Example:
-      >>> import jax, jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
-      >>> tx = lora_optax.lora_pro_adamw(1e-3)
-      >>> state = tx.init(params)
-      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+      >>> import jax.numpy as jnp, lora_optax
+      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 6))}
+      >>> state = lora_optax.lora_pro_adamw(1e-3).init(params)
+      >>> adam = state.inner_states["lora"].inner_state[0]  # the LoRA factors' moments
+      >>> adam.mu["lora_a"].shape  # one base-weight-sized (m × n) moment per pair
+      (8, 6)
 
     References:
       Wang, Liang, He, Wang & Tan, *LoRA-Pro: Are Low-Rank Adapters Properly

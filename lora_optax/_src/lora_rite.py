@@ -461,10 +461,8 @@ def _direction_pass(
     mu_b = _mt(w1b) @ gs.mu_b.astype(ct) + linalg.zero_nonfinite(_mt(w2b) @ w.g_b.astype(ct))
     dir_b = _mt(w3b) @ mu_b
     updates = {}
-    for role, d in (("a", dir_a), ("b", dir_b)):
-        for pair, path, part in zip(w.group.pairs, w.group.paths(role), w.unstack(d)):
-            grad = g_index[path]
-            updates[path] = linalg.from_matrix(part, grad.shape, pair).astype(grad.dtype)
+    for pair, part_a, part_b in zip(w.group.pairs, w.unstack(dir_a), w.unstack(dir_b)):
+        updates.update(pairwise.factor_updates(pair, g_index, part_a, part_b))
     prev_a, prev_b = (w.a, w.b) if basis == "gram" else w.q  # type: ignore[misc]
     state = LoRARiteGroupState(
         mu_a=mu_a.astype(gs.mu_a.dtype),
@@ -705,10 +703,8 @@ def lora_rite(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps: see :func:`scale_by_lora_rite`.
-      mu_dtype: dtype of the first moments.
-      weight_decay: decoupled weight decay λ.
-      mask: weight-decay mask, as in :func:`optax.adamw`.
+      b1, b2, eps, mu_dtype: see :func:`scale_by_lora_rite`; weight_decay (λ), mask: as
+        in :func:`optax.adamw`.
       clip_unmagnified_grad: joint clip threshold (0: off).
       skip_threshold: per-factor RMS skip threshold (0: off).
       escape_mass: add the escaped mass of paper eq. (15).

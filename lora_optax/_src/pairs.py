@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import optax
 
 Path = tuple[str, ...]
 
@@ -486,10 +485,6 @@ def label_tree(tree: Any, pairs: PairSpec = None, *, other: str = "other") -> An
     return index.map(lambda p, _: f"lora_{roles[p][0]}" if p in roles else other)
 
 
-def is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
 # ---------------------------------------------------------------------------------------
 # Full-weight gradients (SoLoRA, LoRA-One): where a pair's G lives in a `full_grads` tree.
 # ---------------------------------------------------------------------------------------
@@ -649,22 +644,3 @@ def check_tree_match(
                 f"{what}: {names[0]} at {path_str(path)} has shape {_shape(u[path])} but "
                 f"{names[1]} has shape {_shape(p[path])}."
             )
-
-
-def with_input_checks(
-    tx: optax.GradientTransformation, what: str
-) -> optax.GradientTransformationExtraArgs:
-    """``tx`` whose ``update`` first runs :func:`check_tree_match` on (updates, params).
-
-    For aliases whose first transformation does not look at ``params`` (e.g. an Adam
-    core), so that a gradient tree that does not match the parameters fails with the
-    offending path rather than a broadcasting error. The state is ``tx``'s own.
-    """
-    tx = optax.with_extra_args_support(tx)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        if params is not None:
-            check_tree_match(updates, params, what=what)
-        return tx.update(updates, state, params, **extra_args)
-
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

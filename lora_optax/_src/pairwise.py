@@ -159,10 +159,20 @@ def map_pairs(fn: PairFn, inputs: PairUpdate, *, stack: bool = False) -> dict[Pa
             new_a, new_b = fn(group.pair, PairMatrices(g_a, g_b, a, b))
             parts_a, parts_b = unstack_a(new_a), unstack_b(new_b)
         for pair, x_a, x_b in zip(group.pairs, parts_a, parts_b):
-            for path, x in ((pair.a_path, x_a), (pair.b_path, x_b)):
-                g = u[path]
-                out[path] = linalg.from_matrix(x, g.shape, pair).astype(g.dtype)
+            out.update(factor_updates(pair, u, x_a, x_b))
     return out
+
+
+def factor_updates(
+    pair: LoRAPair, updates: LeafIndex, new_a: jax.Array, new_b: jax.Array
+) -> dict[Path, jax.Array]:
+    """A pair's new updates, from matrix views to the factors' shapes and the incoming
+    updates' dtypes: ``{A path: new_a, B path: new_b}``."""
+    g_a, g_b = updates[pair.a_path], updates[pair.b_path]
+    return {
+        pair.a_path: linalg.from_matrix(new_a, g_a.shape, pair).astype(g_a.dtype),
+        pair.b_path: linalg.from_matrix(new_b, g_b.shape, pair).astype(g_b.dtype),
+    }
 
 
 def stateless_pair_transformation(
@@ -224,13 +234,13 @@ class PairGroup:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def matrices(self, index: LeafIndex, role: str) -> list[jax.Array]:
+    def matrices(self, index: LeafIndex | Mapping[Path, Any], role: str) -> list[jax.Array]:
         """Each pair's ``A`` (``role="a"``) or ``B`` (``"b"``) matrix view in ``index``."""
         if role == "a":
             return [linalg.a_matrix(p, index[p.a_path]) for p in self.pairs]
         return [linalg.b_matrix(p, index[p.b_path]) for p in self.pairs]
 
-    def stack(self, index: LeafIndex, role: str) -> tuple[jax.Array, Any]:
+    def stack(self, index: LeafIndex | Mapping[Path, Any], role: str) -> tuple[jax.Array, Any]:
         """The group's ``A`` or ``B`` matrices as one ``(N, m, r)`` / ``(N, r, n)``
         array, and ``unstack(y)`` giving back one matrix ``(*batch, ...)`` per pair
         (see :func:`lora_optax._src.linalg.stack_leading`)."""
@@ -405,36 +415,20 @@ def adamw_base(
 ) -> optax.GradientTransformationExtraArgs:
     """The base optimizer of the AdamW-type aliases, :func:`optax.adamw`, with the
     alias's hyperparameters checked eagerly (errors name the argument)."""
-    check_adam_hyperparams(
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_root=eps_root,
-        weight_decay=weight_decay,
-    )
-    return optax.adamw(
-        learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_root=eps_root,
-        mu_dtype=mu_dtype,
-        weight_decay=weight_decay,
-        mask=mask,
-    )
+    check_adamw_hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay)
+    return optax.adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask)
 
 
-def check_adam_hyperparams(**values: Any) -> None:
-    """Eager checks of the Adam-type hyperparameters given (by name)."""
-    if "learning_rate" in values:
-        base.check_learning_rate(values["learning_rate"])
-    betas = {k: v for k, v in values.items() if k in ("b1", "b2")}
-    if betas:
-        base.check_betas(**betas)
-    for name in ("eps", "eps_root", "weight_decay"):
-        if name in values:
-            base.check_non_negative(values[name], name)
+def check_adamw_hyperparams(
+    learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0, weight_decay: Any = 0.0
+) -> None:
+    """Eager checks of AdamW's hyperparameters (``learning_rate=None``: not checked)."""
+    if learning_rate is not None:
+        base.check_learning_rate(learning_rate)
+    base.check_betas(b1=b1, b2=b2)
+    base.check_non_negative(eps, "eps")
+    base.check_non_negative(eps_root, "eps_root")
+    base.check_non_negative(weight_decay, "weight_decay")
 
 
 def decay_and_learning_rate(

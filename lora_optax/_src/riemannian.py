@@ -1,4 +1,8 @@
-"""Riemannian-preconditioned LoRA: scaled GD and scaled AdamW (Zhang & Pilanci, 2024)."""
+"""Riemannian-preconditioned LoRA: scaled GD and scaled AdamW (Zhang & Pilanci, 2024).
+
+Notation: ``A`` is read as an m×r matrix and ``B`` as an r×n matrix (``ΔW = s·A B``,
+``s`` the LoRA scale); ``g_A``, ``g_B`` are their gradients and ``δ`` a damping.
+"""
 
 from __future__ import annotations
 
@@ -86,10 +90,13 @@ def scaled_sgd(
 
     Example:
       >>> import jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}
+      >>> a = jnp.zeros((4, 2)).at[0, 0].set(1.0).at[1, 1].set(2.0)  # AᵀA = diag(1, 4)
+      >>> params = {"lora_a": a, "lora_b": jnp.zeros((2, 3))}
+      >>> grads = {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.ones((2, 3))}
       >>> tx = lora_optax.scaled_sgd(0.1)
-      >>> state = tx.init(params)
-      >>> updates, state = tx.update(params, state, params)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> [round(float(x), 4) for x in updates["lora_b"][:, 0]]  # −η (AᵀA + δI)⁻¹ g_B
+      [-0.1, -0.025]
 
     References:
       Zhang & Pilanci, *Riemannian Preconditioned LoRA for Fine-Tuning Foundation
@@ -130,11 +137,7 @@ def scaled_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, eps_root: Adam's decay rates and denominator epsilons, as in
-        :func:`optax.adamw`.
-      mu_dtype: dtype of Adam's first moment (default: the parameter dtype).
-      weight_decay: decoupled weight decay (multiplied by the learning rate).
-      mask: weight-decay mask, as in :func:`optax.adamw`.
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`.
       delta: damping of the r×r Gram matrices.
       pairs: pair spec, see :func:`scale_by_riemannian_preconditioner`.
 
@@ -142,12 +145,16 @@ def scaled_adamw(
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``params``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
-      >>> tx = lora_optax.scaled_adamw(1e-3)
-      >>> state = tx.init(params)
+      >>> import jax, jax.numpy as jnp, optax, lora_optax
+      >>> pair = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
+      >>> params = {"layer": pair, "bias": jnp.ones(3)}
       >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> tx = lora_optax.scaled_adamw(1e-3)
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> adamw = optax.adamw(1e-3)  # the bias is outside any pair: plain AdamW
+      >>> want, _ = adamw.update(grads["bias"], adamw.init(params["bias"]), params["bias"])
+      >>> bool(jnp.allclose(updates["bias"], want))
+      True
 
     References:
       Zhang & Pilanci, *Riemannian Preconditioned LoRA for Fine-Tuning Foundation

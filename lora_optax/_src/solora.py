@@ -305,7 +305,7 @@ def scale_by_solora(
             if momentum is None:
                 g_a = linalg.a_matrix(pair, u[pair.a_path])
                 g_b = linalg.b_matrix(pair, u[pair.b_path])
-                factor: Any = 1.0
+                factor = 1.0
             else:
                 new_mom[pair.a_path], g_a, g_b = _momentum_gradients(
                     pair, g, mom[pair.a_path], a_m, b_m, momentum
@@ -315,9 +315,7 @@ def scale_by_solora(
             d_a, d_b = solora_direction(
                 a_m, b_m, g_a, g_b, _vec_a(pair, r_new), _vec_b(pair, l_new), delta
             )
-            ua, ub = u[pair.a_path], u[pair.b_path]
-            new_u[pair.a_path] = linalg.from_matrix(factor * d_a, ua.shape, pair).astype(ua.dtype)
-            new_u[pair.b_path] = linalg.from_matrix(factor * d_b, ub.shape, pair).astype(ub.dtype)
+            new_u.update(pairwise.factor_updates(pair, u, factor * d_a, factor * d_b))
         new_state = ScaleBySoLoRAState(
             count=optax.safe_increment(state.count),
             stats=stats.replace(new_stats),
