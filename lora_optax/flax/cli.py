@@ -2,7 +2,7 @@
 
 Every example builds a model and a loss, then calls :func:`train_loop`, which gives
 them the same flags (:func:`add_common_args`), optimizers (:func:`make_optimizer`:
-every optimizer of the library plus AdamW and Lamb), learning-rate schedule (linear
+the registry :data:`lora_optax.OPTIMIZERS`), learning-rate schedule (linear
 warm-up then linear decay, as in LoRA-RITE A.1), device mesh, orbax checkpoints with
 resume (data cursor included), periodic evaluation, a tqdm progress bar with loss
 and throughput, JSON-lines metrics and a final summary table.
@@ -39,38 +39,16 @@ __all__ = [
 ]
 
 
-def _lib(name: str) -> Callable[..., Any]:
-    fn = getattr(lora_optax, name, None)
-    if fn is None:
-        raise ValueError(f"lora_optax has no {name!r} in this version.")
-    return fn
-
-
-# name -> (factory(lr, pairs, args), needs full-weight gradients)
-OPTIMIZERS: dict[str, Callable[[Any, Any, argparse.Namespace], optax.GradientTransformation]] = {
-    "adamw": lambda lr, pairs, a: optax.adamw(lr, a.b1, a.b2, weight_decay=a.weight_decay),
-    "lamb": lambda lr, pairs, a: optax.lamb(lr, a.b1, a.b2, weight_decay=a.weight_decay),
-    "lora_plus": lambda lr, pairs, a: _lib("lora_plus")(
-        lr, ratio=a.lora_plus_ratio, b1=a.b1, b2=a.b2, weight_decay=a.weight_decay, pairs=pairs
-    ),
-    "scaled_adamw": lambda lr, pairs, a: _lib("scaled_adamw")(
-        lr, a.b1, a.b2, weight_decay=a.weight_decay, pairs=pairs
-    ),
-    "scaled_sgd": lambda lr, pairs, a: _lib("scaled_sgd")(lr, pairs=pairs),
-    "lora_rite": lambda lr, pairs, a: _lib("lora_rite")(
-        lr, a.b1, a.b2, weight_decay=a.weight_decay, pairs=pairs
-    ),
-    "ilora": lambda lr, pairs, a: _lib("ilora")(lr, b1=a.b1, b2=a.b2, pairs=pairs),
-    "pilora": lambda lr, pairs, a: _lib("pilora")(lr, b1=a.b1, b2=a.b2, pairs=pairs),
-    "lora_one": lambda lr, pairs, a: _lib("lora_one")(
-        lr, a.b1, a.b2, weight_decay=a.weight_decay, pairs=pairs
-    ),
-    "solora_sgd": lambda lr, pairs, a: _lib("solora_sgd")(lr, pairs=pairs),
-    "solora_adamw": lambda lr, pairs, a: _lib("solora_adamw")(lr, pairs=pairs),
-    "lora_pro": lambda lr, pairs, a: _lib("lora_pro")(lr, pairs=pairs),
-    "lora_pro_sgd": lambda lr, pairs, a: _lib("lora_pro_sgd")(lr, pairs=pairs),
+# The registry of lora_optax (every optimizer of the library plus AdamW, Lamb and SGD).
+OPTIMIZERS = lora_optax.OPTIMIZERS
+FULL_GRAD_OPTIMIZERS = frozenset(n for n, spec in OPTIMIZERS.items() if spec.needs_full_grads)
+# Flags that set a hyperparameter of every optimizer that has it: kwarg -> flag attribute.
+_HYPERPARAMETER_FLAGS = {
+    "b1": "b1",
+    "b2": "b2",
+    "weight_decay": "weight_decay",
+    "ratio": "lora_plus_ratio",
 }
-FULL_GRAD_OPTIMIZERS = frozenset({"solora_sgd", "solora_adamw"})
 
 
 def make_schedule(
@@ -93,10 +71,22 @@ def make_schedule(
 def make_optimizer(
     name: str, learning_rate: Any, pairs: Any, args: argparse.Namespace
 ) -> optax.GradientTransformation:
-    """The optimizer ``name`` (see :data:`OPTIMIZERS`) with gradient clipping."""
+    """The optimizer ``name`` of the registry (:data:`lora_optax.OPTIMIZERS`) with
+    gradient clipping.
+
+    ``--b1``, ``--b2``, ``--weight-decay`` and ``--lora-plus-ratio`` set the
+    hyperparameters of that name for every optimizer that has them (the registry's
+    ``defaults``); the LoRA methods get the model's ``pairs``.
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}.")
-    tx = OPTIMIZERS[name](learning_rate, pairs, args)
+    spec = OPTIMIZERS[name]
+    kwargs = {
+        k: getattr(args, flag) for k, flag in _HYPERPARAMETER_FLAGS.items() if k in spec.defaults
+    }
+    if spec.lora:
+        kwargs["pairs"] = pairs
+    tx = lora_optax.get_optimizer(name, learning_rate, **kwargs)
     if args.clip_norm and args.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(args.clip_norm), tx)
     return tx

@@ -34,13 +34,13 @@ from flax import nnx
 
 from lora_optax._src.pairs import LeafIndex, LoRAPair, Path, pair_parent, path_str
 from lora_optax.flax.lora import (
-    _qwix_permutation,
-    _strip,
     base_kernel_path,
     flat_paths,
     inverse_permutation,
     lora_pairs,
     module_at,
+    qwix_permutation,
+    strip_wrapper,
 )
 
 __all__ = [
@@ -85,10 +85,10 @@ class FullGradPlan:
         for pair in pairs:
             kpath = base_kernel_path(pair, params)
             kernel = params[kpath]
-            a, b = params[_strip(pair.a_path)], params[_strip(pair.b_path)]
+            a, b = params[strip_wrapper(pair.a_path)], params[strip_wrapper(pair.b_path)]
             module = module_at(model, kpath[:-1])
-            stem = kpath[-1] if _strip(pair.a_path)[-1].endswith("_lora_a") else None
-            qp = _qwix_permutation(module, stem, kernel.ndim)
+            stem = kpath[-1] if strip_wrapper(pair.a_path)[-1].endswith("_lora_a") else None
+            qp = qwix_permutation(module, stem, kernel.ndim)
             perm = tuple(qp) if qp is not None and list(qp) != list(range(kernel.ndim)) else None
             target = tuple(a.shape[:-1]) + tuple(b.shape[pair.batch_ndim + 1 :])
             if math.prod(kernel.shape) != math.prod(target):
@@ -240,7 +240,7 @@ def shard_model(
             if e.perm is not None:
                 kspec = tuple(kspec[i] for i in e.perm)
             pair = e.pair
-            a_path, b_path = _strip(pair.a_path), _strip(pair.b_path)
+            a_path, b_path = strip_wrapper(pair.a_path), strip_wrapper(pair.b_path)
             a_shape, b_shape = flat[a_path].shape, flat[b_path].shape
             k, m_axes = pair.batch_ndim, pair.in_ndim
             if len(kspec) != k + m_axes + pair.out_ndim:
