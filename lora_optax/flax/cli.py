@@ -30,7 +30,6 @@ from lora_optax.flax.train import make_mesh, make_train_step, shard_model
 
 __all__ = [
     "FULL_GRAD_OPTIMIZERS",
-    "OPTIMIZERS",
     "add_common_args",
     "make_optimizer",
     "make_schedule",
