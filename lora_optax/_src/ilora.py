@@ -284,6 +284,7 @@ def pilora(
     strength: float = PILORA_STRENGTH,
     delta: float = 1e-6,
     safeguard: float | None = SAFEGUARD,
+    sequential: bool = False,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""πLoRA: scaled AdamW followed by the decoupled imbalance regularisation.
@@ -329,10 +330,25 @@ def pilora(
       https://arxiv.org/abs/2402.02347 (scaled AdamW).
     """
     adamw = pairwise.adamw_base(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask)
-    precondition = pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="pilora")
     regularize = add_imbalance_regularization(
         learning_rate, strength=strength, safeguard=safeguard, pairs=pairs
     )
+    # The simultaneous chain stays flat (precondition, adamw, regularize): its state layout.
+    steps: list[optax.GradientTransformation]
+    if sequential:
+        steps = [
+            pairwise.sequential_riemannian(
+                learning_rate,
+                optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+                weight_decay=weight_decay,
+                mask=mask,
+                delta=delta,
+                pairs=pairs,
+                what="pilora",
+            )
+        ]
+    else:
+        steps = [pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="pilora"), adamw]
     return pairwise.lora_optimizer(
-        optax.chain(precondition, adamw, regularize), adamw, pairs=pairs, what="pilora"
+        optax.chain(*steps, regularize), adamw, pairs=pairs, what="pilora"
     )

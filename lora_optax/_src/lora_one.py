@@ -484,6 +484,7 @@ def lora_one(
     *,
     delta: float = 1e-6,
     bias_correction: bool = False,
+    sequential: bool = False,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LoRA-One's training optimizer: Riemannian-preconditioned AdamW.
@@ -542,7 +543,17 @@ def lora_one(
     base_optimizer = optax.chain(
         adam, pairwise.decay_and_learning_rate(learning_rate, weight_decay, mask)
     )
-    precondition = pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="lora_one")
-    return pairwise.lora_optimizer(
-        optax.chain(precondition, base_optimizer), base_optimizer, pairs=pairs, what="lora_one"
-    )
+    if sequential:
+        for_pairs: optax.GradientTransformation = pairwise.sequential_riemannian(
+            learning_rate,
+            adam,
+            weight_decay=weight_decay,
+            mask=mask,
+            delta=delta,
+            pairs=pairs,
+            what="lora_one",
+        )
+    else:
+        precondition = pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="lora_one")
+        for_pairs = optax.chain(precondition, base_optimizer)
+    return pairwise.lora_optimizer(for_pairs, base_optimizer, pairs=pairs, what="lora_one")

@@ -69,6 +69,7 @@ def scaled_sgd(
     learning_rate: base.ScalarOrSchedule,
     *,
     delta: float = 1e-6,
+    sequential: bool = False,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scaled gradient descent: SGD on Riemannian-preconditioned LoRA gradients.
@@ -104,14 +105,17 @@ def scaled_sgd(
       https://arxiv.org/abs/2402.02347
     """
     base.check_learning_rate(learning_rate)
-    return pairwise.lora_optimizer(
-        optax.chain(
+    if sequential:
+        for_pairs: optax.GradientTransformation = pairwise.sequential_riemannian(
+            learning_rate, optax.identity(), delta=delta, pairs=pairs, what="scaled_sgd"
+        )
+    else:
+        for_pairs = optax.chain(
             scale_by_riemannian_preconditioner(delta=delta, pairs=pairs),
             optax.sgd(learning_rate),
-        ),
-        optax.sgd(learning_rate),
-        pairs=pairs,
-        what="scaled_sgd",
+        )
+    return pairwise.lora_optimizer(
+        for_pairs, optax.sgd(learning_rate), pairs=pairs, what="scaled_sgd"
     )
 
 
@@ -126,6 +130,7 @@ def scaled_adamw(
     mask: Any = None,
     *,
     delta: float = 1e-6,
+    sequential: bool = False,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scaled AdamW: Riemannian preconditioning of the raw gradient, then AdamW.
@@ -161,9 +166,16 @@ def scaled_adamw(
       Models*, ICML 2024, Alg. 1 (scaled AdamW). https://arxiv.org/abs/2402.02347
     """
     adamw = pairwise.adamw_base(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask)
-    return pairwise.lora_optimizer(
-        optax.chain(scale_by_riemannian_preconditioner(delta=delta, pairs=pairs), adamw),
-        adamw,
-        pairs=pairs,
-        what="scaled_adamw",
-    )
+    if sequential:
+        for_pairs: optax.GradientTransformation = pairwise.sequential_riemannian(
+            learning_rate,
+            optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+            weight_decay=weight_decay,
+            mask=mask,
+            delta=delta,
+            pairs=pairs,
+            what="scaled_adamw",
+        )
+    else:
+        for_pairs = optax.chain(scale_by_riemannian_preconditioner(delta=delta, pairs=pairs), adamw)
+    return pairwise.lora_optimizer(for_pairs, adamw, pairs=pairs, what="scaled_adamw")
