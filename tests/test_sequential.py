@@ -166,3 +166,47 @@ def test_a_step_is_the_simultaneous_one(problem):
         np.testing.assert_allclose(out[True][n][A_KEY[n]], out[False][n][A_KEY[n]], rtol=1e-13)
         assert not np.allclose(out[True][n][B_KEY[n]], out[False][n][B_KEY[n]], rtol=1e-6)
     np.testing.assert_array_equal(out[True]["bias"], out[False]["bias"])
+
+
+def test_composes_with_optax():
+    """One jitted step of ``scaled_adamw(sequential=True)`` inside optax's wrappers:
+    a chain after gradient clipping, ``inject_hyperparams`` with a schedule as the
+    learning rate (read inside the one transformation), and ``masked`` (a masked-out
+    pair passes through, the others are unchanged)."""
+    problem = FactorizationProblem.create(seed=5)
+    params = problem.random_params()
+    grads, _ = problem.grads(params)
+    sched = optax.linear_schedule(3e-2, 1e-2, 4)
+
+    def make(lr):
+        return lox.scaled_adamw(lr, weight_decay=0.1, sequential=True)
+
+    def run(tx, g=grads, p=params):
+        state = tx.init(p)
+        u1, state = jax.jit(tx.update)(g, state, p)
+        u2, _ = jax.jit(tx.update)(g, state, p)
+        return u1, u2
+
+    want = run(make(sched))
+    clip = 0.5
+    clipped = jax.tree.map(lambda x: x * jnp.minimum(1.0, clip / optax.global_norm(grads)), grads)
+    _assert_close(
+        run(optax.chain(optax.clip_by_global_norm(clip), make(sched))), run(make(sched), clipped)
+    )
+    injected = optax.inject_hyperparams(lox.scaled_adamw)(
+        learning_rate=sched, weight_decay=0.1, sequential=True
+    )
+    _assert_close(run(injected), want)
+    assert float(sched(1)) != float(sched(0))  # the schedule moved between the steps
+    mask = {name: name != "dense" for name in params}
+    masked = run(optax.masked(make(sched), mask))
+    for u_masked, u_full in zip(masked, want):
+        np.testing.assert_array_equal(
+            u_masked["dense"][A_KEY["dense"]], grads["dense"][A_KEY["dense"]]
+        )
+        for name in ("stacked", "einsum", "square"):
+            _assert_close(u_masked[name], u_full[name])
+
+
+def _assert_close(x, y):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), x, y)
