@@ -15,7 +15,7 @@ H)`` (k and v share one pair, as in tunix); ``attn/attn_vec_einsum`` ``w (N, H, 
 ``up_proj`` / ``down_proj`` (``nnx.Linear``).
 
 Losses: :func:`lm_loss` applies the LM head at every position; :func:`answer_loss`
-(with :func:`add_answer_targets`) only at the positions that predict answer tokens,
+(with :func:`lora_optax.tasks.answer_targets`) only at the positions that predict answer tokens,
 which on Gemma 3's 262 144-word head is most of the cost of a short-answer step.
 :func:`choice_log_likelihoods` scores multiple-choice candidates the same way.
 """
@@ -36,7 +36,6 @@ import optax
 
 __all__ = [
     "GEMMA3_ARCHITECTURE",
-    "add_answer_targets",
     "answer_loss",
     "causal_inputs",
     "choice_log_likelihoods",
@@ -46,7 +45,9 @@ __all__ = [
     "lm_loss",
     "load_gemma",
     "load_gemma3",
+    "model_inputs",
     "packaged_gemma3_path",
+    "target_log_probs",
     "tiny_config",
 ]
 
@@ -516,88 +517,80 @@ def lm_loss(model: Any, batch: dict[str, Any]) -> Any:
     return (ce * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def add_answer_targets(
-    batch: Mapping[str, Any], num_targets: int, *, mask_key: str = "loss_mask"
-) -> dict[str, np.ndarray]:
-    """Adds the positions that predict answer tokens, for :func:`answer_loss`.
-
-    ``batch[mask_key]`` ``(B, L)`` marks the answer tokens (``loss_mask`` /
-    ``target_mask`` of :func:`lora_optax.tasks.pack_prompt_target`); token ``t`` is
-    predicted at position ``t - 1``. Adds ``target_index`` ``(B, num_targets)`` (those
-    positions, padded with 0) and ``target_weight`` (1 for real targets, 0 for padding).
-
-    Raises:
-      ValueError: when a row has more than ``num_targets`` answer tokens (raise
-        ``num_targets``; the rows are never truncated silently), or marks position 0.
-    """
-    mask = np.asarray(batch[mask_key], bool)
-    if mask[:, 0].any():
-        raise ValueError(
-            f"add_answer_targets: {mask_key} marks position 0, which nothing predicts."
+def model_inputs(batch: Mapping[str, Any], pad_id: int = 0) -> tuple[Any, Any, None, Any]:
+    """The model's inputs for a batch: its own ``positions`` / ``attention_mask`` when it
+    has them (:func:`lora_optax.tasks.pack_choices` rows), else :func:`causal_inputs`."""
+    if "attention_mask" in batch:
+        return (
+            jnp.asarray(batch["tokens"]),
+            jnp.asarray(batch["positions"]),
+            None,
+            jnp.asarray(batch["attention_mask"], bool),
         )
-    counts = mask.sum(-1)
-    if counts.max(initial=0) > num_targets:
-        row = int(counts.argmax())
-        raise ValueError(
-            f"add_answer_targets: row {row} has {int(counts[row])} answer tokens, more than "
-            f"num_targets={num_targets}; raise num_targets."
-        )
-    index = np.zeros((mask.shape[0], num_targets), np.int32)
-    weight = np.zeros((mask.shape[0], num_targets), np.float32)
-    for b, row in enumerate(mask):
-        pos = np.flatnonzero(row) - 1
-        index[b, : len(pos)] = pos
-        weight[b, : len(pos)] = 1.0
-    return {**batch, "target_index": index, "target_weight": weight}
+    return causal_inputs(batch["tokens"], pad_id)
 
 
-def hidden_states(model: Any, tokens: Any, pad_id: int = 0) -> Any:
+def hidden_states(model: Any, inputs: tuple[Any, Any, None, Any]) -> Any:
     """The final-norm hidden states ``(B, L, D)`` of a tunix Gemma / Gemma3 model.
 
-    Runs ``model(..., output_hidden_states=True)`` (so qwix LoRA, which intercepts the
-    root call, applies) and reads the sown states; under ``jit`` the unused full
+    Runs ``model(*inputs, output_hidden_states=True)`` (so qwix LoRA, which intercepts
+    the root call, applies) and reads the sown states; under ``jit`` the unused full
     logits are dead code and XLA drops them.
     """
     from flax import nnx
 
-    model(*causal_inputs(tokens, pad_id), output_hidden_states=True)
-    sown = nnx.pop(model, nnx.Intermediate)["all_hidden_states"]  # a tuple, one per sow
-    return sown.get_value()[-1]
+    model(*inputs, output_hidden_states=True)
+    sown: Any = nnx.pop(model, nnx.Intermediate)
+    return sown["all_hidden_states"].get_value()[-1]  # a tuple, one entry per sow
 
 
-def _head_log_probs(model: Any, tokens: Any, index: Any, pad_id: int) -> Any:
-    """log p(tokens[index + 1] | prefix) with the LM head applied at ``index`` only."""
-    h = hidden_states(model, tokens, pad_id)
+def target_log_probs(model: Any, batch: Mapping[str, Any], *, pad_id: int = 0) -> Any:
+    """``log p(target_ids | prefix)`` ``(B, K)``, the LM head applied at ``target_index`` only.
+
+    ``batch``: ``tokens`` ``(B, L)``, ``target_index`` ``(B, K)`` (from
+    :func:`lora_optax.tasks.answer_targets` or :func:`lora_optax.tasks.pack_choices`),
+    optional ``target_ids`` (default: the next token, ``tokens[index + 1]``),
+    ``positions`` / ``attention_mask``.
+    """
+    tokens = jnp.asarray(batch["tokens"])
+    index = jnp.asarray(batch["target_index"])
+    h = hidden_states(model, model_inputs(batch, pad_id))
     picked = jnp.take_along_axis(h, index[..., None], axis=1)  # (B, K, D)
     logits = model.embedder.decode(picked).astype(jnp.float32)  # (B, K, V)
-    targets = jnp.take_along_axis(tokens, index + 1, axis=1)
+    if "target_ids" in batch:
+        targets = jnp.asarray(batch["target_ids"])
+    else:
+        targets = jnp.take_along_axis(tokens, index + 1, axis=1)
     return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
 def answer_loss(model: Any, batch: Mapping[str, Any], *, pad_id: int = 0) -> Any:
     """Mean next-token cross-entropy on the answer tokens, LM head only at their positions.
 
-    ``batch``: ``tokens`` ``(B, L)``, ``target_index`` / ``target_weight`` ``(B, K)``
-    from :func:`add_answer_targets`. Equals :func:`lm_loss` with the same mask (tests
-    check it) at a fraction of the head's cost.
+    ``batch``: ``tokens`` ``(B, L)`` and ``target_index`` / ``target_weight`` ``(B, K)``
+    (:func:`lora_optax.tasks.answer_targets` of the answer mask). Equals :func:`lm_loss`
+    with that mask (tests check it) at a fraction of the head's cost.
     """
-    tokens = jnp.asarray(batch["tokens"])
-    index = jnp.asarray(batch["target_index"])
     weight = jnp.asarray(batch["target_weight"], jnp.float32)
-    logp = _head_log_probs(model, tokens, index, pad_id)
+    logp = target_log_probs(model, batch, pad_id=pad_id)
     return -(logp * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
 def choice_log_likelihoods(model: Any, batch: Mapping[str, Any], *, pad_id: int = 0) -> Any:
-    """Summed log-likelihood and token count of each row's answer (multiple choice).
+    """Summed log-likelihood and token count of each candidate answer (multiple choice).
 
-    ``batch``: ``tokens`` ``(R, L)`` (one row per question × choice), ``target_index`` /
-    ``target_weight`` ``(R, K)`` from :func:`add_answer_targets`. Returns
-    ``(sum_logp (R,), num_tokens (R,))``; reshape to ``(questions, choices)`` and take
-    the argmax (:func:`lora_optax.tasks.multiple_choice_accuracy`).
+    Two layouts: one row per (question, choice) — ``target_index`` / ``target_weight``
+    from :func:`lora_optax.tasks.answer_targets`, giving ``(R, 1)`` — or one row per
+    question with all its choices (:func:`lora_optax.tasks.pack_choices`: the prompt
+    computed once), whose ``target_choice`` ``(R, K, C)`` gives ``(R, C)``.
+
+    Returns:
+      ``(sum_logp, num_tokens)``; the prediction is the argmax over choices
+      (:func:`lora_optax.tasks.multiple_choice_accuracy`).
     """
-    tokens = jnp.asarray(batch["tokens"])
-    index = jnp.asarray(batch["target_index"])
     weight = jnp.asarray(batch["target_weight"], jnp.float32)
-    logp = _head_log_probs(model, tokens, index, pad_id)
-    return (logp * weight).sum(-1), weight.sum(-1)
+    logp = target_log_probs(model, batch, pad_id=pad_id) * weight
+    if "target_choice" not in batch:
+        return logp.sum(-1, keepdims=True), weight.sum(-1, keepdims=True)
+    which = jnp.asarray(batch["target_choice"], jnp.float32)
+    return jnp.einsum("rk,rkc->rc", logp, which), jnp.einsum("rk,rkc->rc", weight, which)

@@ -223,7 +223,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
                 f"({size} bytes)."
             )
     data = np.memmap(path, mode="r")
-    cur = _Cursor(memoryview(data), path)
+    cur = _Cursor(memoryview(np.asarray(data)), path)
     cur.pos = 4
     version = cur.take("I")
     if version not in _SUPPORTED_VERSIONS:
