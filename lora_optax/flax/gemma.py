@@ -458,8 +458,9 @@ def load_gemma3(
         folder (``config.json``, ``*.safetensors``, ``tokenizer.model`` or
         ``tokenizer.json``; tunix's loader).
       dtype: parameter dtype (``jnp.float32`` or ``jnp.bfloat16``).
-      mesh: a device mesh; each weight is placed with the sharding tunix annotates
-        (``fsdp`` / ``tp`` axes; names the mesh lacks are replicated).
+      mesh: a device mesh with ``Auto`` axes (:func:`lora_optax.flax.make_mesh`); each
+        weight is placed with the sharding tunix annotates (``fsdp`` / ``tp`` axes;
+        names the mesh lacks, or that do not divide the axis, are replicated).
 
     Returns:
       ``(model, tokenizer)``: the nnx module (call it with :func:`causal_inputs`) and a
