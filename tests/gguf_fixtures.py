@@ -77,7 +77,7 @@ def tiny_gemma3_config(num_layers: int = 6, vocab: int | None = None, **override
         num_heads=2,
         head_dim=32,
         num_kv_heads=1,
-        sliding_window_size=16,
+        sliding_window_size=512,
         local_base_frequency=10_000,
         global_base_frequency=1_000_000,
         param_dtype=jnp.float32,

@@ -45,6 +45,7 @@ __all__ = [
     "lm_loss",
     "load_gemma",
     "load_gemma3",
+    "make_greedy",
     "model_inputs",
     "packaged_gemma3_path",
     "target_log_probs",
@@ -595,3 +596,34 @@ def choice_log_likelihoods(model: Any, batch: Mapping[str, Any], *, pad_id: int 
         return logp.sum(-1, keepdims=True), weight.sum(-1, keepdims=True)
     which = jnp.asarray(batch["target_choice"], jnp.float32)
     return jnp.einsum("rk,rkc->rc", logp, which), jnp.einsum("rk,rkc->rc", weight, which)
+
+
+def make_greedy(max_new_tokens: int, *, eos_id: int, pad_id: int = 0):
+    """``greedy(model, {"prompt": (B, P)}) -> (B, max_new_tokens)`` greedy continuations.
+
+    Prompts are left-padded with ``pad_id`` (generation continues at the right end);
+    no KV cache: each new token reruns the model over a fixed-length buffer, so one
+    compilation serves every step (wrap it in :func:`lora_optax.flax.make_eval_step`).
+    Rows that produced ``eos_id`` continue with ``pad_id``.
+    """
+    from flax import nnx
+
+    def greedy(model, batch):
+        prompt = jnp.asarray(batch["prompt"])
+        b, p = prompt.shape
+        pads = jnp.full((b, max_new_tokens), pad_id, prompt.dtype)
+        buf = jnp.concatenate([prompt, pads], 1)
+        graphdef, state = nnx.split(model)  # re-merged inside the loop (qwix sets attributes)
+
+        def step(t, carry):
+            buf, done = carry
+            logits, _ = nnx.merge(graphdef, state)(*causal_inputs(buf, pad_id))
+            nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, p + t - 1, 1, False), -1)
+            nxt = jnp.where(done, pad_id, nxt).astype(buf.dtype)
+            buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, p + t, 1)
+            return buf, done | (nxt == eos_id)
+
+        buf, _ = jax.lax.fori_loop(0, max_new_tokens, step, (buf, jnp.zeros((b,), bool)))
+        return buf[:, p:]
+
+    return greedy
