@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         model=PACKAGED,
         lr=1e-3,
         warmup=10,
-        steps=150,
+        steps=125,
         batch_size=8,
         max_length=48,
         eval_every=0,
@@ -225,30 +225,38 @@ def make_evaluate(args, tok, test, style, mesh, model_config=None):
 
         return evaluate_generation
 
-    encoded = encode_choices(tok, test, style)
+    used = sorted({int(i) for idx, _ in chunks for i in idx})
+    encoded = dict(zip(used, encode_choices(tok, [test[i] for i in used], style)))
     num_choices = max(ex.num_choices for ex in test)
-    # One row length and one target count for the whole test set: one compilation.
-    length = _round_up(max(len(p) + sum(map(len, c)) for p, c in encoded), 16)
-    targets = _round_up(max(sum(map(len, c)) for _, c in encoded))
+    # Questions sorted by packed length, each batch padded to its own longest row
+    # (rounded up to 32 positions / 16 scored tokens): a few compilations, and
+    # about a third of the work of padding every row to the longest of the test set.
+    size = {i: (len(p) + sum(map(len, c)), sum(map(len, c))) for i, (p, c) in encoded.items()}
+    order = sorted(used, key=lambda i: size[i])
+    batches = [
+        order[k : k + args.eval_batch_size] for k in range(0, len(order), args.eval_batch_size)
+    ]
     window = getattr(model_config, "sliding_window_size", None)
-    if window is not None and length > window:
+    longest = max(n for n, _ in size.values())
+    if window is not None and longest > window:
         raise SystemExit(
-            f"evaluation rows of {length} tokens exceed the model's sliding attention window "
+            f"evaluation rows of {longest} tokens exceed the model's sliding attention window "
             f"({window}): the packed choices would see different context."
         )
     score = make_eval_step(gemma.choice_log_likelihoods, mesh=mesh)
 
     def evaluate(model) -> dict[str, float]:
         scores, lengths, labels = [], [], []
-        for idx, valid in chunks:
-            batch = choice_batch(
-                [encoded[int(i)] for i in idx], length, targets, num_choices, tok.pad_id
-            )
-            s, n = (np.asarray(x) for x in score(model, batch))
-            real = n > 0
-            scores += list(np.where(real, s, -np.inf)[valid])
-            lengths += list(n[valid])
-            labels += [test[int(i)].label for i, ok in zip(idx, valid) if ok]
+        for ids in batches:
+            length = _round_up(max(size[i][0] for i in ids), 32)
+            targets = _round_up(max(size[i][1] for i in ids), 16)
+            rows = [encoded[i] for i in ids]
+            rows += [rows[0]] * (args.eval_batch_size - len(rows))  # fixed batch size
+            batch = choice_batch(rows, length, targets, num_choices, tok.pad_id)
+            s, n = (np.asarray(x)[: len(ids)] for x in score(model, batch))
+            scores += list(np.where(n > 0, s, -np.inf))
+            lengths += list(n)
+            labels += [test[i].label for i in ids]
         return {
             "accuracy": tasks.multiple_choice_accuracy(scores, labels),
             "accuracy_norm": tasks.multiple_choice_accuracy(scores, labels, lengths),
