@@ -229,19 +229,57 @@ def gemma3_config_from_gguf(
     )
 
 
+def _hf_rope(c: Mapping[str, Any]) -> tuple[float, float, float]:
+    """(global base, local base, global linear scale) from either config layout:
+    transformers >= 5 ``rope_parameters`` per layer type, or ``rope_theta`` /
+    ``rope_local_base_freq`` / ``rope_scaling``."""
+    params = c.get("rope_parameters")
+    if isinstance(params, Mapping) and "full_attention" in params:
+        full, local = params["full_attention"], params.get("sliding_attention", {})
+    else:
+        full = dict(c.get("rope_scaling") or {})
+        full["rope_theta"] = c.get("rope_theta", 1_000_000)
+        local = {"rope_theta": c.get("rope_local_base_freq", _LOCAL_ROPE_BASE)}
+    for where, p in (("global", full), ("local", local)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind not in ("default", "linear"):
+            raise ValueError(f"config.json: {where} rope {kind!r} (only linear is supported).")
+    if local.get("rope_type", "default") == "linear" and float(local.get("factor", 1)) != 1:
+        raise ValueError("config.json: tunix's Gemma3 has no rope scaling on local layers.")
+    scale = float(full.get("factor", 1.0)) if full.get("rope_type", full.get("type")) else 1.0
+    return float(full["rope_theta"]), float(local.get("rope_theta", _LOCAL_ROPE_BASE)), scale
+
+
 def gemma3_config_from_hf(config: Mapping[str, Any], *, dtype: Any = jnp.float32) -> Any:
-    """tunix's ``ModelConfig`` from a Hugging Face Gemma 3 ``config.json`` (text part)."""
+    """tunix's ``ModelConfig`` from a Hugging Face Gemma 3 ``config.json`` (text part).
+
+    Raises:
+      ValueError: for values tunix's Gemma3 cannot represent (soft-capping, another
+        layer pattern, non-linear rope scaling).
+    """
     gm = _gemma3_lib()
     c = dict(config.get("text_config", config))
-    scaling = c.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "default"):
-        raise ValueError(f"config.json: rope scaling {scaling} (only linear is supported).")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if c.get(key):
+            raise ValueError(f"config.json: {key} = {c[key]} is not supported by tunix's Gemma3.")
+    num_layers = int(c["num_hidden_layers"])
+    layer_types = c.get("layer_types")
+    expected = [
+        "full_attention" if i % _PATTERN == _PATTERN - 1 else "sliding_attention"
+        for i in range(num_layers)
+    ]
+    if layer_types is not None and list(layer_types) != expected:
+        raise ValueError(
+            f"config.json: layer_types {layer_types[:7]} ... differ from tunix Gemma3's fixed "
+            f"pattern (every {_PATTERN}th layer global)."
+        )
+    global_base, local_base, scale = _hf_rope(c)
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim", int(c["hidden_size"]) // heads))
     pre = float(c.get("query_pre_attn_scalar", head_dim))
     norm = gm.QueryPreAttentionNormalisation
     return gm.ModelConfig(
-        num_layers=int(c["num_hidden_layers"]),
+        num_layers=num_layers,
         num_embed=int(c.get("vocab_size", 262_144)),
         embed_dim=int(c["hidden_size"]),
         hidden_dim=int(c["intermediate_size"]),
@@ -249,9 +287,9 @@ def gemma3_config_from_hf(config: Mapping[str, Any], *, dtype: Any = jnp.float32
         head_dim=head_dim,
         num_kv_heads=int(c.get("num_key_value_heads", heads)),
         sliding_window_size=int(c.get("sliding_window", 512)),
-        local_base_frequency=int(c.get("rope_local_base_freq", _LOCAL_ROPE_BASE)),
-        global_base_frequency=int(c.get("rope_theta", 1_000_000)),
-        global_scale_factor=float(scaling.get("factor", 1.0)) if scaling else 1.0,
+        local_base_frequency=int(local_base),
+        global_base_frequency=int(global_base),
+        global_scale_factor=scale,
         query_pre_attn_norm=(
             norm.BY_ONE_OVER_SQRT_HEAD_DIM
             if math.isclose(pre, head_dim)
