@@ -9,7 +9,7 @@
 * Non-finite gradients: ``optax.apply_if_finite`` and ``optax.MultiSteps(...,
   should_skip_update_fn=optax.skip_not_finite)`` around every optimizer skip NaN/inf
   steps and keep the state finite; the unwrapped behaviour is the one documented in
-  the README's "Reliability" section.
+  the Reliability guide (docs/guides/reliability.md).
 """
 
 from __future__ import annotations
@@ -320,13 +320,14 @@ def test_nonfinite_steps_skipped(case, wrap, problem):
         assert int(final.total_notfinite) == 2
 
 
-# What an unwrapped optimizer does with a NaN gradient, per the README table.
-_README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+# What an unwrapped optimizer does with a NaN gradient, per the table of the
+# Reliability guide.
+_GUIDE = pathlib.Path(__file__).resolve().parent.parent / "docs/guides/reliability.md"
 
 
 def _documented_behaviour() -> dict[str, str]:
-    text = _README.read_text() if _README.exists() else ""
-    section = text.split("## Reliability", 1)[-1] if "## Reliability" in text else ""
+    text = _GUIDE.read_text() if _GUIDE.exists() else ""
+    section = text.split("**Non-finite gradients.**", 1)[-1]
     out = {}
     for line in section.splitlines():
         m = re.match(r"\|\s*`([\w]+)`\s*\|\s*([\w -]+?)\s*\|", line)
@@ -362,6 +363,6 @@ def observed_nonfinite_behaviour(case: OptimizerCase, problem) -> str:
 def test_nonfinite_behaviour_documented(case, problem):
     documented = _documented_behaviour()
     assert case.name in documented, (
-        f"README 'Reliability' table has no row for `{case.name}` (non-finite gradients)."
+        f"docs/guides/reliability.md table has no row for `{case.name}` (non-finite gradients)."
     )
     assert observed_nonfinite_behaviour(case, problem) == documented[case.name]

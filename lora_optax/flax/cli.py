@@ -193,6 +193,12 @@ def _summary(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _real_tokens(batch: Any, pad_id: int | None) -> int | None:
+    if pad_id is None or not isinstance(batch, dict) or "tokens" not in batch:
+        return None
+    return int((np.asarray(batch["tokens"]) != pad_id).sum())
+
+
 def train_loop(
     args: argparse.Namespace,
     *,
@@ -204,6 +210,8 @@ def train_loop(
     shard_rules: Any = (),
     has_aux: bool = False,
     header: dict[str, Any] | None = None,
+    eval_at_start: bool = False,
+    pad_id: int | None = None,
 ) -> dict[str, Any]:
     """Trains the LoRA factors of ``model`` for ``args.steps`` steps.
 
@@ -218,6 +226,9 @@ def train_loop(
       mesh: device mesh (base weights placed with ``shard_rules``).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       header: extra lines for the summary table.
+      eval_at_start: evaluate before the first step too (zero-shot), unless resuming.
+      pad_id: with ``batch["tokens"]``, the padding id: the progress bar and metrics
+        then report real tokens per second (``tok_s``).
 
     Returns:
       ``{"rows": all metric rows, "final_eval": last eval dict, "model": model}``.
@@ -234,7 +245,11 @@ def train_loop(
     tx = make_optimizer(args.optimizer, schedule, pair_spec(model), args)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
     full = args.optimizer in FULL_GRAD_OPTIMIZERS
-    step_fn = make_train_step(loss_fn, has_aux=has_aux, full_grads=full, mesh=mesh)
+    # share_grads: a second run in the same process (another optimizer, e.g. the
+    # examples' --compare) reuses the compiled forward + backward pass.
+    step_fn = make_train_step(
+        loss_fn, has_aux=has_aux, full_grads=full, mesh=mesh, share_grads=True
+    )
     metrics = _Metrics(args.metrics)
     ckpt = None
     start = 0
@@ -273,6 +288,13 @@ def train_loop(
         metrics.log(
             {"kind": "eval", "step": step, **final_eval, "time": round(time.perf_counter() - t, 3)}
         )
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items() if "accuracy" in k)
+        if shown:
+            when = "zero-shot (before training)" if step == 0 else f"after step {step}"
+            print(f"{args.optimizer} {when}: {shown}", file=sys.stderr, flush=True)
+
+    if eval_at_start and start == 0:
+        run_eval(0)
 
     last = time.perf_counter()
     step = start
@@ -285,6 +307,7 @@ def train_loop(
         now = time.perf_counter()
         dt, last = now - last, now
         lr = float(schedule(step)) if callable(schedule) else float(schedule)
+        tokens = _real_tokens(batch, pad_id)
         row = {
             "kind": "train",
             "step": done,
@@ -293,10 +316,16 @@ def train_loop(
             "steps_per_s": 1.0 / dt if dt > 0 else None,
             "examples_per_s": examples_per_step / dt if dt > 0 else None,
         }
+        if tokens is not None:
+            row["tokens_per_s"] = tokens / dt if dt > 0 else None
         metrics.log(row)
         if not args.no_progress:
+            speed = {"tok_s": f"{tokens / dt:.0f}"} if tokens is not None else {}
             bar.set_postfix(
-                loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", ex_s=f"{examples_per_step / dt:.1f}"
+                loss=f"{loss_v:.4f}",
+                lr=f"{lr:.2e}",
+                ex_s=f"{examples_per_step / dt:.1f}",
+                **speed,
             )
         if not math.isfinite(loss_v):
             print(f"non-finite loss at step {done}; stopping", file=sys.stderr)

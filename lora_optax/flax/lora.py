@@ -84,6 +84,13 @@ TARGET_PRESETS: dict[str, str] = {
         r"(?:.*/)?(?:attn/(?:q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum)"
         r"|mlp/(?:gate_proj|up_proj|down_proj))"
     ),
+    # tunix Gemma3 (layers/<i>/attn/...): q/kv/o einsums (qkv_einsum when heads == kv
+    # heads); "gemma3_all" adds the MLP's nnx.Linear gate/up/down projections.
+    "gemma3": r"layers/\d+/attn/(?:q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum)",
+    "gemma3_all": (
+        r"layers/\d+/(?:attn/(?:q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum)"
+        r"|mlp/(?:gate_proj|up_proj|down_proj))"
+    ),
 }
 
 
