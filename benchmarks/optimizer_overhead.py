@@ -74,6 +74,11 @@ BASELINE = "adamw"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora_rite_unstacked": ("lora_rite", {"stack_pairs": False}),
     "lora_rite_qr": ("lora_rite", {"basis": "qr"}),
+    # The authors' update order (B preconditioned with the updated A), one transformation.
+    "scaled_sgd_sequential": ("scaled_sgd", {"sequential": True}),
+    "scaled_adamw_sequential": ("scaled_adamw", {"sequential": True}),
+    "lora_one_sequential": ("lora_one", {"sequential": True}),
+    "pilora_sequential": ("pilora", {"sequential": True}),
 }
 NAMES = [*lox.OPTIMIZERS, *VARIANTS]
 

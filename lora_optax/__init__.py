@@ -41,6 +41,7 @@ from lora_optax._src.pairs import (
     pair_parent,
     resolve_pairs,
 )
+from lora_optax._src.pairwise import SequentialRiemannianState
 from lora_optax._src.registry import OPTIMIZERS, OptimizerSpec, get_optimizer
 from lora_optax._src.riemannian import (
     scale_by_riemannian_preconditioner,
@@ -66,6 +67,7 @@ __all__ = [
     "ScaleByLoRAProAdamState",
     "ScaleByLoRARiteState",
     "ScaleBySoLoRAState",
+    "SequentialRiemannianState",
     "SpectralInit",
     "add_imbalance_regularization",
     "find_lora_pairs",

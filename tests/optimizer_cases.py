@@ -61,6 +61,27 @@ CASES: list[OptimizerCase] = [
 ]
 
 
+# Variants of registry optimizers that the common table (tests/test_common.py) also
+# runs: case name -> (registry name, hyperparameters added to its SETTINGS row). Only
+# options that change the transformation's structure belong here (each row costs the
+# whole table), e.g. the one-transformation sequential order of the Riemannian family
+# (its Adam direction: optax's bias-corrected one, and LoRA-One's uncorrected one).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "scaled_adamw+sequential": ("scaled_adamw", {"sequential": True}),
+    "lora_one+sequential": ("lora_one", {"sequential": True}),
+}
+
+
+def _variant(name: str, registry_name: str, extra: dict[str, Any]) -> OptimizerCase:
+    learning_rate, hyper = SETTINGS[registry_name]
+    spec = lox.OPTIMIZERS[registry_name]
+    make = functools.partial(spec.factory, **hyper, **extra)
+    return OptimizerCase(name, make, learning_rate, spec.needs_full_grads)
+
+
+VARIANT_CASES: list[OptimizerCase] = [_variant(n, r, x) for n, (r, x) in VARIANTS.items()]
+
+
 def case_ids(cases: list[OptimizerCase]) -> list[str]:
     return [c.name for c in cases]
 

@@ -48,6 +48,7 @@ __all__ = [
     "adafactor_decay",
     "adamw_init",
     "adamw_step",
+    "authors_loop_step",
     "ilora_step",
     "imbalance_objective",
     "imbalance_regularization",
@@ -251,6 +252,70 @@ def scaled_adamw_step(
     new_a, sa = adamw_step(a, pg_a, state.a, lr, **kw, no_bias_correction=no_bias_correction)
     new_b, sb = adamw_step(b, pg_b, state.b, lr, **kw, no_bias_correction=no_bias_correction)
     return new_a, new_b, PairAdamWState(a=sa, b=sb)
+
+
+# ---------------------------------------------------------------------------------------
+# 2.1b The order of the authors' code: A's whole step, then B's with the updated A
+# ---------------------------------------------------------------------------------------
+
+
+def authors_loop_step(
+    a: Array,
+    b: Array,
+    g_a: Array,
+    g_b: Array,
+    state: PairAdamWState | None,
+    lr: float,
+    *,
+    sequential: bool = True,
+    adam: bool = True,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    delta: float = 1e-6,
+    no_bias_correction: bool = False,
+) -> tuple[Array, Array, PairAdamWState | None]:
+    """One step of a preconditioned-AdamW (``adam``) or scaled-GD loop over ``[A, B]``.
+
+    Written as the authors' PyTorch loop reads (Zhang & Pilanci's Mistral ``AdamWr``;
+    LoRA-One's trainer): the factors are visited in the order ``A``, ``B``; each
+    factor's gradient is preconditioned with the OTHER factor's value at the time of
+    the visit, ``g_A (BBᵀ + δI)⁻¹`` or ``(AᵀA + δI)⁻¹ g_B``; then its own step
+    ``p₁ = p − lr·d`` (``d`` the Adam direction ``μ̂/(√(ν̂ + eps_root) + eps)``, or
+    ``d = g̃`` for scaled GD) and its decoupled weight decay of the stepped factor,
+    ``p ← p₁ − lr·wd·p₁``, in place. With ``sequential=True`` the visit of ``B`` sees
+    the ``A`` just written (``c1 = p1.data`` aliases it); with ``sequential=False`` it
+    sees a copy taken before the loop (the simultaneous order). Both gradients are
+    taken at the pre-step point. ``state`` is ``None`` for scaled GD.
+    """
+    current = {"a": _f64(a), "b": _f64(b)}
+    grads = {"a": _f64(g_a), "b": _f64(g_b)}
+    snapshot = dict(current)
+    new_state = {}
+    for name in ("a", "b"):
+        other = (current if sequential else snapshot)["b" if name == "a" else "a"]
+        if name == "a":
+            g = grads["a"] @ _inv_spd(other @ other.T, delta)
+        else:
+            g = _inv_spd(other.T @ other, delta) @ grads["b"]
+        if adam:
+            assert state is not None
+            st = state.a if name == "a" else state.b
+            t = st.count + 1
+            mu = b1 * st.mu + (1.0 - b1) * g
+            nu = b2 * st.nu + (1.0 - b2) * np.square(g)
+            corr1 = 1.0 if no_bias_correction else 1.0 - b1**t
+            corr2 = 1.0 if no_bias_correction else 1.0 - b2**t
+            d = (mu / corr1) / (np.sqrt(nu / corr2 + eps_root) + eps)
+            new_state[name] = AdamWState(mu=mu, nu=nu, count=t)
+        else:
+            d = g
+        p1 = current[name] - lr * d
+        current[name] = p1 - lr * weight_decay * p1
+    out_state = PairAdamWState(a=new_state["a"], b=new_state["b"]) if adam else None
+    return current["a"], current["b"], out_state
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The common test table: every optimizer of the library must pass every test here."""
+"""The common test table: every optimizer of the library must pass every test here
+(and the variants of ``tests/optimizer_cases.py``'s ``VARIANTS``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
 
-from tests.optimizer_cases import CASES, OptimizerCase, case_ids, extra_args
+from tests.optimizer_cases import CASES, VARIANT_CASES, OptimizerCase, case_ids, extra_args
 from tests.problems import LAYOUT, FactorizationProblem, shard_params
 
-PARAMETRIZE = pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+TABLE = CASES + VARIANT_CASES
+PARAMETRIZE = pytest.mark.parametrize("case", TABLE, ids=case_ids(TABLE))
 
 
 @pytest.fixture(scope="module")

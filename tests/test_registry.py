@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import lora_optax as lox
-from tests.optimizer_cases import CASES, SETTINGS, find_state
+from tests.optimizer_cases import CASES, SETTINGS, VARIANTS, find_state
 from tests.problems import FactorizationProblem
 
 # Public names that build a transformation but are not optimizers: optax's naming
@@ -196,3 +196,11 @@ def test_spectral_init_returns_a_named_tuple():
     kept = lox.spectral_init(g, 2, preserve_output=True, scale=1.0)
     assert isinstance(kept, lox.SpectralInit) and kept.base_delta.shape == g.shape
     np.testing.assert_allclose(kept.base_delta + kept.a @ kept.b, 0.0, atol=1e-5)
+
+
+def test_variants_name_registry_options():
+    for name, (registry_name, extra) in VARIANTS.items():
+        assert name.startswith(registry_name + "+"), name
+        spec = lox.OPTIMIZERS[registry_name]
+        assert set(extra) <= set(spec.defaults), (name, extra)
+        assert all(spec.defaults[k] != v for k, v in extra.items()), (name, "not a variant")

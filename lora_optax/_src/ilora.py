@@ -284,6 +284,7 @@ def pilora(
     strength: float = PILORA_STRENGTH,
     delta: float = 1e-6,
     safeguard: float | None = SAFEGUARD,
+    sequential: bool = False,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""πLoRA: scaled AdamW followed by the decoupled imbalance regularisation.
@@ -300,11 +301,28 @@ def pilora(
     0.001, 0.01, 10, 100, 10, 10, 1, 100). The paper gives no untuned πLoRA setting;
     tune ``λ`` over ``{1e-3, …, 1e2}`` as it does.
 
+    **Update order.** By default (``sequential=False``) both gradients are
+    preconditioned with the pre-step factors (simultaneous: the paper's equations, HF
+    PEFT). ``sequential=True`` is the order of the authors' own training loops (Zhang &
+    Pilanci's Mistral script, LoRA-One's code): ``A``'s whole step first (``g̃_A`` with
+    the current ``B``, the moments, bias correction as configured, learning rate and
+    weight decay), giving ``A⁺``; then ``g̃_B = (A⁺ᵀA⁺ + δI)⁻¹ g_B`` with that updated
+    ``A⁺``; then ``B``'s whole step. Weight decay then follows that code as well: it
+    is applied AFTER the step, to the stepped factor, ``p ← (p − η d)(1 − η·wd)``
+    (``d`` the Adam direction), while the simultaneous path is
+    :func:`optax.adamw`'s ``p ← p − η (d + wd·p)`` (decay of the pre-step factor); the
+    two placements differ by ``η²·wd·d``. The orders agree to first order in ``η``.
+    The imbalance step follows on the finished ``(A⁺, B⁺)`` in both orders. The state
+    is then a :class:`lora_optax.SequentialRiemannianState` (the Adam moments kept
+    separately for the ``A`` and the ``B`` factors).
+
     Args:
       learning_rate: a float or an optax schedule (also scales the regularisation).
       b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`.
       strength: the regularisation strength ``λ``.
       delta: damping ``δ`` of the r×r Gram matrices of the preconditioner.
+      sequential: the authors' order (``A``'s whole step, then ``B`` preconditioned
+        with the updated ``A``) instead of the simultaneous default; see above.
       safeguard: bound on the imbalance step for huge factors (inactive in the
         normal regime; ``None``: the paper's step unconditionally), see
         :func:`add_imbalance_regularization`.
@@ -329,10 +347,25 @@ def pilora(
       https://arxiv.org/abs/2402.02347 (scaled AdamW).
     """
     adamw = pairwise.adamw_base(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask)
-    precondition = pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="pilora")
     regularize = add_imbalance_regularization(
         learning_rate, strength=strength, safeguard=safeguard, pairs=pairs
     )
+    # The simultaneous chain stays flat (precondition, adamw, regularize): its state layout.
+    steps: list[optax.GradientTransformation]
+    if sequential:
+        steps = [
+            pairwise.sequential_riemannian(
+                learning_rate,
+                optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+                weight_decay=weight_decay,
+                mask=mask,
+                delta=delta,
+                pairs=pairs,
+                what="pilora",
+            )
+        ]
+    else:
+        steps = [pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="pilora"), adamw]
     return pairwise.lora_optimizer(
-        optax.chain(precondition, adamw, regularize), adamw, pairs=pairs, what="pilora"
+        optax.chain(*steps, regularize), adamw, pairs=pairs, what="pilora"
     )

@@ -249,12 +249,23 @@ def riemannian_precondition(m: PairMatrices, delta: Any) -> tuple[jax.Array, jax
     the rank): a fixed ``δ`` far below the float32 resolution of an ill-conditioned
     Gram matrix would let its Cholesky factorisation fail (NaN).
     """
-    assert m.a is not None and m.b is not None, "the preconditioner reads the params"
-    k_b, k_a = gram_rows(m.b), gram_cols(m.a)
+    return precondition_a(m, delta), precondition_b(m, delta)
+
+
+def precondition_a(m: PairMatrices, delta: Any) -> jax.Array:
+    """``g_A (B Bᵀ + δI)⁻¹`` (A's half of :func:`riemannian_precondition`)."""
+    assert m.b is not None, "the preconditioner reads the params"
+    k_b = gram_rows(m.b)
     rel = float(m.g_a.shape[-1])  # Cholesky's backward error grows with the matrix size
-    new_g_a = solve_right_spd(m.g_a, k_b, safe_damping(k_b, delta, rel=rel))
-    new_g_b = solve_left_spd(k_a, m.g_b, safe_damping(k_a, delta, rel=rel))
-    return new_g_a, new_g_b
+    return solve_right_spd(m.g_a, k_b, safe_damping(k_b, delta, rel=rel))
+
+
+def precondition_b(m: PairMatrices, delta: Any) -> jax.Array:
+    """``(AᵀA + δI)⁻¹ g_B`` (B's half of :func:`riemannian_precondition`)."""
+    assert m.a is not None, "the preconditioner reads the params"
+    k_a = gram_cols(m.a)
+    rel = float(m.g_b.shape[-2])  # the rank r, as for A's half
+    return solve_left_spd(k_a, m.g_b, safe_damping(k_a, delta, rel=rel))
 
 
 def solve_sylvester_sym(p: jax.Array, q: jax.Array, c: jax.Array) -> jax.Array:

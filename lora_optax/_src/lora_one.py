@@ -484,6 +484,7 @@ def lora_one(
     *,
     delta: float = 1e-6,
     bias_correction: bool = False,
+    sequential: bool = False,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LoRA-One's training optimizer: Riemannian-preconditioned AdamW.
@@ -504,6 +505,22 @@ def lora_one(
     Pair it with :func:`lora_optax.spectral_init_pairs` for the initialisation; the
     optimizer itself works from any initialisation.
 
+    **Update order.** By default (``sequential=False``) both gradients are
+    preconditioned with the pre-step factors (simultaneous: the paper's equations, HF
+    PEFT). ``sequential=True`` is the order of the authors' own training loops (Zhang &
+    Pilanci's Mistral script, LoRA-One's code): ``A``'s whole step first (``g̃_A`` with
+    the current ``B``, the moments, bias correction as configured, learning rate and
+    weight decay), giving ``A⁺``; then ``g̃_B = (A⁺ᵀA⁺ + δI)⁻¹ g_B`` with that updated
+    ``A⁺``; then ``B``'s whole step. Weight decay then follows that code as well: it
+    is applied AFTER the step, to the stepped factor, ``p ← (p − η d)(1 − η·wd)``
+    (``d`` the Adam direction), while the simultaneous path is
+    :func:`optax.adamw`'s ``p ← p − η (d + wd·p)`` (decay of the pre-step factor); the
+    two placements differ by ``η²·wd·d``. The orders agree to first order in ``η``.
+    The state is then a :class:`lora_optax.SequentialRiemannianState` (the Adam
+    moments kept separately for the ``A`` and the ``B`` factors). With the defaults
+    (no bias correction, ``ε`` outside the root), ``sequential=True`` is the step of the
+    authors' preconditioned AdamW as their code runs it.
+
     Args:
       learning_rate: a float or an optax schedule.
       b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`
@@ -511,6 +528,8 @@ def lora_one(
       delta: damping ``δ`` (the slides' ``λ``) of the r×r Gram matrices; 1e-6 as in
         the reference code.
       bias_correction: apply Adam's bias correction (default False, reference code).
+      sequential: the authors' order (``A``'s whole step, then ``B`` preconditioned
+        with the updated ``A``) instead of the simultaneous default; see above.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
@@ -542,7 +561,17 @@ def lora_one(
     base_optimizer = optax.chain(
         adam, pairwise.decay_and_learning_rate(learning_rate, weight_decay, mask)
     )
-    precondition = pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="lora_one")
-    return pairwise.lora_optimizer(
-        optax.chain(precondition, base_optimizer), base_optimizer, pairs=pairs, what="lora_one"
-    )
+    if sequential:
+        for_pairs: optax.GradientTransformation = pairwise.sequential_riemannian(
+            learning_rate,
+            adam,
+            weight_decay=weight_decay,
+            mask=mask,
+            delta=delta,
+            pairs=pairs,
+            what="lora_one",
+        )
+    else:
+        precondition = pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="lora_one")
+        for_pairs = optax.chain(precondition, base_optimizer)
+    return pairwise.lora_optimizer(for_pairs, base_optimizer, pairs=pairs, what="lora_one")

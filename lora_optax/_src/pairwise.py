@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lora_optax._src import base, linalg
@@ -205,6 +206,115 @@ def riemannian_preconditioner(
     return stateless_pair_transformation(
         lambda pair, m: linalg.riemannian_precondition(m, delta), pairs=pairs, what=what
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The sequential order of the authors' code: A's whole step, then B's with the new A.
+# ---------------------------------------------------------------------------------------
+
+
+class SequentialRiemannianState(NamedTuple):
+    """State of the sequential Riemannian-preconditioned step (``sequential=True``).
+
+    Attributes:
+      count: steps taken (the learning-rate schedule is evaluated at it).
+      a: the direction's state on the ``A`` factors (an :class:`optax.MaskedState`
+        laid out like the params, ``optax.MaskedNode()`` elsewhere).
+      b: the same on the ``B`` factors.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    a: Any
+    b: Any
+
+
+def _role_mask(pairs: PairSpec, role: str, what: str) -> Callable[[Any], Any]:
+    """``tree -> bool tree``: True at every pair's ``A`` (``role="a"``) or ``B`` node."""
+
+    def mask(tree: Any) -> Any:
+        found = resolve_pairs(pairs, tree, what=what)
+        nodes = {_node_of(p.a_path if role == "a" else p.b_path) for p in found}
+        return map_nodes(tree, lambda p: p in nodes)
+
+    return mask
+
+
+def _scaled(lr: Any, tree: Any) -> Any:
+    """``-lr · x`` leaf-wise in each leaf's dtype (as :func:`optax.scale_by_learning_rate`)."""
+    return jax.tree.map(lambda x: jnp.asarray(-lr, x.dtype) * x, tree)
+
+
+def sequential_riemannian(
+    learning_rate: base.ScalarOrSchedule,
+    direction: optax.GradientTransformation,
+    *,
+    weight_decay: Any = 0.0,
+    mask: Any = None,
+    delta: Any = 1e-6,
+    pairs: PairSpec,
+    what: str,
+) -> optax.GradientTransformationExtraArgs:
+    """The Riemannian-preconditioned step in the order of the authors' code, whole.
+
+    For every pair, with ``d(·)`` the ``direction`` (Adam's scaling, or the identity
+    for scaled GD; its state kept separately for the ``A`` and the ``B`` factors) and
+    ``η`` the learning rate at this transformation's step count:
+
+    1. ``g̃_A = g_A (BBᵀ + δI)⁻¹`` with the current ``B``;
+       ``A⁺ = (A − η d(g̃_A))(1 − η·wd)``: the step, then decoupled weight decay of the
+       STEPPED factor;
+    2. ``g̃_B = (A⁺ᵀA⁺ + δI)⁻¹ g_B`` with the updated ``A⁺`` (in the params' dtype);
+       ``B⁺ = (B − η d(g̃_B))(1 − η·wd)``.
+
+    The updates returned are ``A⁺ − A`` and ``B⁺ − B`` (the learning rate and the decay
+    included, so nothing may follow but :func:`optax.apply_updates` or a transformation
+    of finished updates); leaves outside pairs pass through unchanged. ``mask`` selects
+    the decayed leaves as in :func:`optax.add_decayed_weights`.
+    """
+    base.check_learning_rate(learning_rate)
+    base.check_non_negative(weight_decay, "weight_decay")
+    base.check_non_negative(delta, "delta")
+    dir_a = optax.masked(direction, _role_mask(pairs, "a", what))
+    dir_b = optax.masked(direction, _role_mask(pairs, "b", what))
+    decay = optax.add_decayed_weights(weight_decay, mask)
+
+    def factor_step(tx: Any, grads: Any, state: Any, params: Any, lr: Any) -> tuple[Any, Any]:
+        d, state = tx.update(grads, state, params)
+        stepped = jax.tree.map(lambda p, x: (p - lr * x).astype(p.dtype), params, d)
+        d, _ = decay.update(d, decay.init(params), stepped)
+        return _scaled(lr, d), state
+
+    def init_fn(params):
+        resolve_pairs(pairs, params, what=what)
+        return SequentialRiemannianState(
+            count=jnp.zeros([], jnp.int32), a=dir_a.init(params), b=dir_b.init(params)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        inputs = resolve_update(pairs, updates, params, what)
+        lr = base.learning_rate_at(learning_rate, state.count)
+        new = map_pairs(lambda _, m: (linalg.precondition_a(m, delta), m.g_b), inputs)
+        u_a, state_a = factor_step(dir_a, inputs.updates.replace(new), state.a, params, lr)
+        u_a_index = LeafIndex(u_a)
+        assert inputs.params is not None
+        p_index = inputs.params
+        a_paths = [pair.a_path for pair in inputs.pairs]
+        stepped_a = {
+            path: (p_index[path] + u_a_index[path]).astype(p_index[path].dtype) for path in a_paths
+        }
+        params_a = p_index.replace(stepped_a)
+        inputs_b = PairUpdate(inputs.pairs, inputs.updates, LeafIndex(params_a))
+        new = map_pairs(lambda _, m: (m.g_a, linalg.precondition_b(m, delta)), inputs_b)
+        u_b, state_b = factor_step(dir_b, inputs.updates.replace(new), state.b, params_a, lr)
+        u_b_index = LeafIndex(u_b)
+        out = {path: u_a_index[path] for path in a_paths}
+        out.update({pair.b_path: u_b_index[pair.b_path] for pair in inputs.pairs})
+        return inputs.updates.replace(out), SequentialRiemannianState(
+            count=optax.safe_increment(state.count), a=state_a, b=state_b
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ---------------------------------------------------------------------------------------

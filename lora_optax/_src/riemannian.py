@@ -35,6 +35,13 @@ def scale_by_riemannian_preconditioner(
     ``g_A = s·G Bᵀ = 0``. Leaves that are not in any pair pass through unchanged.
     Batched over the stacked-layer axes of each pair.
 
+    This is the simultaneous order. The sequential order of the authors' code (``B``
+    preconditioned with the already-updated ``A``) needs ``A``'s finished step —
+    moments, learning rate and weight decay — before ``g̃_B`` exists, so it is no
+    preconditioner that a base optimizer could follow: it is ``sequential=True`` of
+    :func:`scaled_sgd`, :func:`scaled_adamw`, :func:`lora_optax.lora_one` and
+    :func:`lora_optax.pilora`, each one transformation.
+
     Args:
       delta: damping ``δ`` added to both Gram matrices (paper: 1e-6).
       pairs: how to find the LoRA pairs: ``None`` for automatic discovery
@@ -69,6 +76,7 @@ def scaled_sgd(
     learning_rate: base.ScalarOrSchedule,
     *,
     delta: float = 1e-6,
+    sequential: bool = False,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scaled gradient descent: SGD on Riemannian-preconditioned LoRA gradients.
@@ -80,9 +88,19 @@ def scaled_sgd(
 
     Leaves outside any pair get the base optimizer, :func:`optax.sgd`.
 
+    **Update order.** By default (``sequential=False``) both gradients are
+    preconditioned with the pre-step factors, as in the equations above (the paper's
+    eq. (1), HF PEFT). ``sequential=True`` is the order of the authors' own training
+    loops: ``A``'s step first, then ``g̃_B = (A⁺ᵀA⁺ + δI)⁻¹ g_B`` with the updated
+    ``A⁺ = A − η g̃_A``, then ``B``'s step. The two orders agree to first order in ``η``
+    (they differ by ``O(η²)``); the state is then a
+    :class:`lora_optax.SequentialRiemannianState`.
+
     Args:
       learning_rate: a float or an optax schedule.
       delta: damping of the r×r Gram matrices.
+      sequential: the authors' order (``A``'s whole step, then ``B`` preconditioned
+        with the updated ``A``) instead of the simultaneous default; see above.
       pairs: pair spec, see :func:`scale_by_riemannian_preconditioner`.
 
     Returns:
@@ -104,14 +122,17 @@ def scaled_sgd(
       https://arxiv.org/abs/2402.02347
     """
     base.check_learning_rate(learning_rate)
-    return pairwise.lora_optimizer(
-        optax.chain(
+    if sequential:
+        for_pairs: optax.GradientTransformation = pairwise.sequential_riemannian(
+            learning_rate, optax.identity(), delta=delta, pairs=pairs, what="scaled_sgd"
+        )
+    else:
+        for_pairs = optax.chain(
             scale_by_riemannian_preconditioner(delta=delta, pairs=pairs),
             optax.sgd(learning_rate),
-        ),
-        optax.sgd(learning_rate),
-        pairs=pairs,
-        what="scaled_sgd",
+        )
+    return pairwise.lora_optimizer(
+        for_pairs, optax.sgd(learning_rate), pairs=pairs, what="scaled_sgd"
     )
 
 
@@ -126,6 +147,7 @@ def scaled_adamw(
     mask: Any = None,
     *,
     delta: float = 1e-6,
+    sequential: bool = False,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scaled AdamW: Riemannian preconditioning of the raw gradient, then AdamW.
@@ -135,10 +157,26 @@ def scaled_adamw(
     moments, decoupled weight decay). Leaves outside any pair get the base optimizer,
     the same :func:`optax.adamw`.
 
+    **Update order.** By default (``sequential=False``) both gradients are
+    preconditioned with the pre-step factors (simultaneous: the paper's equations, HF
+    PEFT). ``sequential=True`` is the order of the authors' own training loops (Zhang &
+    Pilanci's Mistral script, LoRA-One's code): ``A``'s whole step first (``g̃_A`` with
+    the current ``B``, the moments, bias correction as configured, learning rate and
+    weight decay), giving ``A⁺``; then ``g̃_B = (A⁺ᵀA⁺ + δI)⁻¹ g_B`` with that updated
+    ``A⁺``; then ``B``'s whole step. Weight decay then follows that code as well: it
+    is applied AFTER the step, to the stepped factor, ``p ← (p − η d)(1 − η·wd)``
+    (``d`` the Adam direction), while the simultaneous path is
+    :func:`optax.adamw`'s ``p ← p − η (d + wd·p)`` (decay of the pre-step factor); the
+    two placements differ by ``η²·wd·d``. The orders agree to first order in ``η``.
+    The state is then a :class:`lora_optax.SequentialRiemannianState` (the Adam
+    moments kept separately for the ``A`` and the ``B`` factors).
+
     Args:
       learning_rate: a float or an optax schedule.
       b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`.
       delta: damping of the r×r Gram matrices.
+      sequential: the authors' order (``A``'s whole step, then ``B`` preconditioned
+        with the updated ``A``) instead of the simultaneous default; see above.
       pairs: pair spec, see :func:`scale_by_riemannian_preconditioner`.
 
     Returns:
@@ -161,9 +199,16 @@ def scaled_adamw(
       Models*, ICML 2024, Alg. 1 (scaled AdamW). https://arxiv.org/abs/2402.02347
     """
     adamw = pairwise.adamw_base(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask)
-    return pairwise.lora_optimizer(
-        optax.chain(scale_by_riemannian_preconditioner(delta=delta, pairs=pairs), adamw),
-        adamw,
-        pairs=pairs,
-        what="scaled_adamw",
-    )
+    if sequential:
+        for_pairs: optax.GradientTransformation = pairwise.sequential_riemannian(
+            learning_rate,
+            optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+            weight_decay=weight_decay,
+            mask=mask,
+            delta=delta,
+            pairs=pairs,
+            what="scaled_adamw",
+        )
+    else:
+        for_pairs = optax.chain(scale_by_riemannian_preconditioner(delta=delta, pairs=pairs), adamw)
+    return pairwise.lora_optimizer(for_pairs, adamw, pairs=pairs, what="scaled_adamw")
