@@ -10,8 +10,8 @@ safetensors, qwix); not imported by :mod:`lora_optax` itself.
 * :mod:`lora_optax.flax.checkpoint` — :class:`LoRACheckpointer` (orbax, bit-exact resume).
 * :mod:`lora_optax.flax.export` — :func:`merge_lora`, PEFT-layout safetensors export.
 * :mod:`lora_optax.flax.cli` — shared flags and loop of the ``examples/finetune_*``.
-* :mod:`lora_optax.flax.tunix` — :class:`~lora_optax.flax.tunix.FullGradPeftTrainer`
-  (tunix ``PeftTrainer`` passing ``full_grads=``, for SoLoRA) and
+* :mod:`lora_optax.flax.tunix` — :class:`~lora_optax.flax.tunix.LoRAPeftTrainer`
+  (tunix ``PeftTrainer`` that can pass ``full_grads=``, for SoLoRA) and
   :func:`~lora_optax.flax.tunix.peft_lora_one_init`; needs ``google-tunix``
   (``pip install 'lora_optax[gemma]'``), imported on first use of these names.
 """
@@ -47,7 +47,7 @@ from lora_optax.flax.train import (
 )
 
 # Imported on first access, so that flax users without tunix are not affected.
-_TUNIX_NAMES = ("FullGradPeftTrainer", "peft_loss_fn", "peft_lora_one_init")
+_TUNIX_NAMES = ("LoRAPeftTrainer", "peft_loss_fn", "peft_lora_one_init")
 
 
 def __getattr__(name: str):

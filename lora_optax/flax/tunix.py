@@ -1,12 +1,20 @@
-"""tunix ``PeftTrainer`` for the methods that read full-weight gradients, and LoRA-One's init.
+"""tunix ``PeftTrainer`` for lora_optax: full-weight gradients (SoLoRA), LoRA-One's init.
 
 tunix's :class:`tunix.sft.peft_trainer.PeftTrainer` takes any optax transformation,
-so most optimizers of the library plug in unchanged. SoLoRA (:func:`lora_optax.solora_sgd`,
-:func:`lora_optax.solora_adamw`) also needs ``G = ∂L/∂W`` of the frozen base weight
-of every LoRA pair, passed as ``update(..., full_grads=G)``; tunix's train step does
-not compute it. :class:`FullGradPeftTrainer` is a ``PeftTrainer`` whose train step
-differentiates the LoRA factors and the base kernels of the LoRA layers in the same
-backward pass (:class:`lora_optax.flax.FullGradPlan`) and passes ``full_grads=``.
+so most optimizers of the library plug in unchanged. :class:`LoRAPeftTrainer` is a
+``PeftTrainer`` with two additions:
+
+* ``full_grads=True``: SoLoRA (:func:`lora_optax.solora_sgd`,
+  :func:`lora_optax.solora_adamw`) also needs ``G = ∂L/∂W`` of the frozen base weight
+  of every LoRA pair, passed as ``update(..., full_grads=G)``, which tunix's train
+  step does not compute. The train step then differentiates the LoRA factors and the
+  base kernels of the LoRA layers in the same backward pass
+  (:class:`lora_optax.flax.FullGradPlan`) and passes ``full_grads=``.
+* resuming on a mesh with an optimizer whose state holds no sharded array (SGD-type:
+  :func:`lora_optax.scaled_sgd`, :func:`lora_optax.lora_pro_sgd`, ``solora_sgd``, and
+  ``optax.sgd`` itself): tunix 0.1.7 restores such a state's counters to one device,
+  and its first train step then fails ("Received incompatible devices for jitted
+  computation"). The trainer replicates them onto the mesh first.
 
 With ``gradient_accumulation_steps=k`` tunix wraps the optimizer in
 :class:`optax.MultiSteps`, which averages the LoRA gradients of ``k`` micro-batches
@@ -39,7 +47,7 @@ from lora_optax._src.pairs import LoRAPair
 from lora_optax.flax.lora import flat_paths
 from lora_optax.flax.train import FullGradPlan, lora_one_init
 
-__all__ = ["FullGradPeftTrainer", "peft_loss_fn", "peft_lora_one_init"]
+__all__ = ["LoRAPeftTrainer", "peft_loss_fn", "peft_lora_one_init"]
 
 _TRAIN_STEP_ARGS = ["self", "model", "optimizer", "inputs"]
 
@@ -59,21 +67,23 @@ def _check_tunix_api() -> None:
 
         version = getattr(tunix, "__version__", "unknown")
         raise RuntimeError(
-            "FullGradPeftTrainer supports google-tunix 0.1.7, whose "
+            "LoRAPeftTrainer(full_grads=True) supports google-tunix 0.1.7, whose "
             f"PeftTrainer._train_step takes {tuple(_TRAIN_STEP_ARGS[1:])}; the installed "
             f"tunix {version} takes {tuple(args[1:])}. Install google-tunix==0.1.7, or "
             "train with lora_optax.flax.make_train_step(loss_fn, full_grads=True)."
         )
 
 
-class FullGradPeftTrainer(peft_trainer.PeftTrainer):
-    """A tunix ``PeftTrainer`` that passes ``full_grads=`` to the optimizer.
+class LoRAPeftTrainer(peft_trainer.PeftTrainer):
+    """A tunix ``PeftTrainer`` that can pass ``full_grads=`` to the optimizer.
 
-    Use it for :func:`lora_optax.solora_sgd` / :func:`lora_optax.solora_adamw` (any
-    optimizer whose ``update`` reads ``full_grads``); everything else of
-    ``PeftTrainer`` (checkpoints, gradient accumulation, metrics, meshes, hooks) is
-    unchanged. The extra cost per step is the gradients of the LoRA layers' base
-    kernels (no second forward or backward pass).
+    With ``full_grads=True`` use it for :func:`lora_optax.solora_sgd` /
+    :func:`lora_optax.solora_adamw` (any optimizer whose ``update`` reads
+    ``full_grads``); the extra cost per step is the gradients of the LoRA layers' base
+    kernels (no second forward or backward pass). Everything else of ``PeftTrainer``
+    (checkpoints, gradient accumulation, metrics, meshes, hooks) is unchanged, except
+    that optimizer arrays restored to a single device are replicated onto the mesh
+    (see the module docstring).
 
     Args:
       model: a model with LoRA factors (:func:`lora_optax.flax.apply_lora`, or qwix
@@ -84,11 +94,13 @@ class FullGradPeftTrainer(peft_trainer.PeftTrainer):
         ``static_args=("pairs",)``: a callable hyperparameter is otherwise taken
         for a schedule).
       training_config: tunix's ``TrainingConfig``.
+      full_grads: compute the full-weight gradients and pass them as
+        ``update(..., full_grads=...)``.
       pairs: the LoRA pairs (default: :func:`lora_optax.flax.lora_pairs` of ``model``).
       **kwargs: passed on to ``PeftTrainer`` (``metrics_logger``, tracers).
 
     Raises:
-      ValueError: when ``model`` has no LoRA parameters.
+      ValueError: with ``full_grads=True``, when ``model`` has no LoRA parameters.
       RuntimeError: on a tunix version whose train step this class does not know.
 
     Example::
@@ -99,7 +111,7 @@ class FullGradPeftTrainer(peft_trainer.PeftTrainer):
 
         tx = lora_optax.solora_adamw(1e-3, pairs=lf.pair_spec(model))
         config = peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=1000)
-        trainer = lf.FullGradPeftTrainer(model, tx, config)
+        trainer = lf.LoRAPeftTrainer(model, tx, config, full_grads=True)
         trainer = trainer.with_gen_model_input_fn(gen_model_input_fn)
         trainer.train(train_ds)
     """
@@ -110,22 +122,25 @@ class FullGradPeftTrainer(peft_trainer.PeftTrainer):
         optimizer: optax.GradientTransformation,
         training_config: peft_trainer.TrainingConfig,
         *,
+        full_grads: bool = False,
         pairs: Sequence[LoRAPair] | None = None,
         **kwargs: Any,
     ):
-        _check_tunix_api()
-        if not nnx.state(model, nnx.LoRAParam):
-            raise ValueError(
-                "FullGradPeftTrainer: the model has no nnx.LoRAParam; add LoRA first "
-                "(lora_optax.flax.apply_lora) — full-weight gradients are taken at the "
-                "base weights of LoRA layers."
-            )
-        self._full_grad_plan = FullGradPlan.from_model(model, pairs)
+        self._full_grad_plan: FullGradPlan | None = None
+        if full_grads:
+            _check_tunix_api()
+            if not nnx.state(model, nnx.LoRAParam):
+                raise ValueError(
+                    "LoRAPeftTrainer(full_grads=True): the model has no nnx.LoRAParam; "
+                    "add LoRA first (lora_optax.flax.apply_lora): full-weight gradients "
+                    "are taken at the base weights of LoRA layers."
+                )
+            self._full_grad_plan = FullGradPlan.from_model(model, pairs)
         super().__init__(model, optimizer, training_config, **kwargs)
         self._accumulation_steps = training_config.get_with_default(
             "gradient_accumulation_steps", 1
         )
-        if self._accumulation_steps > 1:
+        if self._full_grad_plan is not None and self._accumulation_steps > 1:
             kernels = flat_paths(nnx.state(model, nnx.Param))
             self.optimizer.full_grad_sum = nnx.List(
                 [
@@ -134,9 +149,16 @@ class FullGradPeftTrainer(peft_trainer.PeftTrainer):
                 ]
             )
 
+    def _shard_optimizer(self, mesh: Any) -> None:
+        if not mesh.empty:
+            _replicate_off_mesh(self.optimizer, mesh)
+        super()._shard_optimizer(mesh)
+
     def _train_step(self, model: nnx.Module, optimizer: nnx.Optimizer, inputs: Any) -> Any:
-        inputs = self.gen_model_input_fn(inputs)
         plan = self._full_grad_plan
+        if plan is None:
+            return super()._train_step(model, optimizer, inputs)
+        inputs = self.gen_model_input_fn(inputs)
         wrt = nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, plan.filter()))
         grad_fn = nnx.value_and_grad(
             self.loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=self._has_aux
@@ -163,11 +185,26 @@ class FullGradPeftTrainer(peft_trainer.PeftTrainer):
         k = self._accumulation_steps
         last = optimizer.step[...] % k == k - 1
         means = {}
+        assert self._full_grad_plan is not None
         for entry, total in zip(self._full_grad_plan.entries, optimizer.full_grad_sum):
             acc = total[...] + kernel_grads[entry.kernel_path].astype(total.dtype)
             means[entry.kernel_path] = acc / k
             total[...] = jnp.where(last, jnp.zeros_like(acc), acc)
         return means
+
+
+def _replicate_off_mesh(optimizer: nnx.Optimizer, mesh: Any) -> None:
+    """Puts every optimizer array that is not on ``mesh`` onto it, replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+    def put(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated) if isinstance(x, jax.Array) else x
+
+    state = nnx.state(optimizer)
+    nnx.update(optimizer, jax.tree.map(put, nnx.as_pure(state)))
 
 
 def _zeros_like_kernel(kernel: jax.Array) -> jax.Array:
