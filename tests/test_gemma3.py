@@ -235,12 +235,12 @@ def _peft_train(trainer, txs, index, model, init, batch, steps=3):
 
 
 def test_every_optimizer_trains_gemma3_with_peft_trainer(lora_model, forward_loss):
-    """tunix's stock PeftTrainer for every optimizer; FullGradPeftTrainer (the same
-    trainer, passing full_grads=) for those that need full-weight gradients. The loss
+    """tunix's stock PeftTrainer for every optimizer; LoRAPeftTrainer(full_grads=True)
+    (the same trainer, passing full_grads=) for those that need full-weight gradients. The loss
     on the batch after 3 steps must be below the loss before."""
     from tunix.sft import peft_trainer
 
-    from lora_optax.flax.peft_trainer import FullGradPeftTrainer
+    from lora_optax.flax import LoRAPeftTrainer
 
     model, _, batch, init = lora_model
     _reset(model, init)
@@ -253,8 +253,9 @@ def test_every_optimizer_trains_gemma3_with_peft_trainer(lora_model, forward_los
         if not cases:
             continue
         txs = [c.make(_lr(c), pairs=spec) for c in cases]
-        kind = FullGradPeftTrainer if full else peft_trainer.PeftTrainer
-        trainer = kind(model, _switch(txs), config).with_loss_fn(_peft_loss)
+        kw = {"full_grads": True} if full else {}
+        kind = LoRAPeftTrainer if full else peft_trainer.PeftTrainer
+        trainer = kind(model, _switch(txs), config, **kw).with_loss_fn(_peft_loss)
         trainer.is_managed_externally = True  # several train() calls on one trainer
         for i, case in enumerate(cases):
             t = time.perf_counter()
