@@ -186,7 +186,8 @@ class LoRAPeftTrainer(peft_trainer.PeftTrainer):
         last = optimizer.step[...] % k == k - 1
         means = {}
         assert self._full_grad_plan is not None
-        for entry, total in zip(self._full_grad_plan.entries, optimizer.full_grad_sum):
+        sums = optimizer.full_grad_sum  # type: ignore[attr-defined]  # set in __init__
+        for entry, total in zip(self._full_grad_plan.entries, sums):
             acc = total[...] + kernel_grads[entry.kernel_path].astype(total.dtype)
             means[entry.kernel_path] = acc / k
             total[...] = jnp.where(last, jnp.zeros_like(acc), acc)
