@@ -141,12 +141,10 @@ def test_packed_choices_score_like_separate_rows():
 
 
 def test_full_grad_peft_trainer_matches_make_train_step(base):
-    """SoLoRA needs full_grads=: FullGradPeftTrainer (tunix's loop) follows the same
+    """SoLoRA needs full_grads=: LoRAPeftTrainer(full_grads=True) (tunix's loop) follows the same
     trajectory as make_train_step(full_grads=True)."""
     pytest.importorskip("tunix.sft.peft_trainer")
     from tunix.sft import peft_trainer
-
-    from lora_optax.flax.peft_trainer import FullGradPeftTrainer
 
     data = batch()
 
@@ -166,7 +164,7 @@ def test_full_grad_peft_trainer_matches_make_train_step(base):
         config = peft_trainer.TrainingConfig(
             eval_every_n_steps=10**6, max_steps=3, pbar_description=None
         )
-        trainer = FullGradPeftTrainer(model, tx, config).with_loss_fn(
+        trainer = lf.LoRAPeftTrainer(model, tx, config, full_grads=True).with_loss_fn(
             lambda model, tokens: gemma.lm_loss(model, {"tokens": tokens})
         )
         trainer.train([data] * 3)

@@ -75,11 +75,11 @@ def tiny_gguf(tmp_path_factory):
 
 def _args(gguf, ckpt, metrics):
     return [
-        "--model", str(gguf), "--steps", "12", "--batch-size", "2", "--rank", "2",
+        "--model", str(gguf), "--steps", "6", "--batch-size", "2", "--rank", "2",
         "--alpha", "4", "--lr", "1e-2", "--warmup", "1", "--max-length", "32",
-        "--max-examples", "40", "--eval-every", "0", "--eval-batches", "1",
+        "--max-examples", "12", "--eval-every", "0", "--eval-batches", "1",
         "--eval-batch-size", "2", "--no-progress", "--ckpt-dir", str(ckpt),
-        "--ckpt-every", "4", "--metrics", str(metrics),
+        "--ckpt-every", "2", "--metrics", str(metrics),
     ]  # fmt: skip
 
 
@@ -105,28 +105,28 @@ def test_sigkill_mid_run_and_mid_save_then_bit_exact_resume(tiny_gguf, tmp_path,
 
     example = load("finetune_gemma")
     reference = _losses_of(example, _args(tiny_gguf, tmp_path / "ref_ckpt", tmp_path / "ref.jsonl"))
-    assert sorted(reference) == list(range(1, 13))
+    assert sorted(reference) == list(range(1, 7))
 
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "run.jsonl"
     args = _args(tiny_gguf, ckpt, metrics)
-    # 1. killed at step 6, after the step-4 checkpoint
-    _killed_run(args, KILL_AT_STEP=6)
-    assert max(_losses(metrics)) == 5  # killed inside step 6, before it was logged
-    assert LoRACheckpointer(str(ckpt)).all_steps() == [4]
-    # 2. resumed, killed while committing the step-8 checkpoint
-    _killed_run([*args, "--resume"], KILL_SAVING_STEP=8)
-    assert LoRACheckpointer(str(ckpt)).latest_step() == 4  # the partial one is not used
-    leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith("8")]
-    assert leftovers, "the step-8 save should have left its uncommitted data"
-    # 3. resumed again: continues from step 4 with exactly the uninterrupted losses
+    # 1. killed at step 3, after the step-2 checkpoint
+    _killed_run(args, KILL_AT_STEP=3)
+    assert max(_losses(metrics)) == 2  # killed inside step 3, before it was logged
+    assert LoRACheckpointer(str(ckpt)).all_steps() == [2]
+    # 2. resumed, killed while committing the step-4 checkpoint
+    _killed_run([*args, "--resume"], KILL_SAVING_STEP=4)
+    assert LoRACheckpointer(str(ckpt)).latest_step() == 2  # the partial one is not used
+    leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith("4")]
+    assert leftovers, "the step-4 save should have left its uncommitted data"
+    # 3. resumed again: continues from step 2 with exactly the uninterrupted losses
     metrics.unlink()
     capsys.readouterr()
     example.main([*args, "--resume"])
-    assert "resumed from step 4" in capsys.readouterr().err
+    assert "resumed from step 2" in capsys.readouterr().err
     resumed = _losses(metrics)
-    assert sorted(resumed) == list(range(5, 13))
-    assert resumed == {s: reference[s] for s in range(5, 13)}  # bit for bit
-    assert LoRACheckpointer(str(ckpt)).latest_step() == 12
+    assert sorted(resumed) == list(range(3, 7))
+    assert resumed == {s: reference[s] for s in range(3, 7)}  # bit for bit
+    assert LoRACheckpointer(str(ckpt)).latest_step() == 6
 
 
 def _losses_of(example, args):

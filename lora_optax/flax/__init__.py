@@ -10,6 +10,10 @@ safetensors, qwix); not imported by :mod:`lora_optax` itself.
 * :mod:`lora_optax.flax.checkpoint` — :class:`LoRACheckpointer` (orbax, bit-exact resume).
 * :mod:`lora_optax.flax.export` — :func:`merge_lora`, PEFT-layout safetensors export.
 * :mod:`lora_optax.flax.cli` — shared flags and loop of the ``examples/finetune_*``.
+* :mod:`lora_optax.flax.tunix` — :class:`~lora_optax.flax.tunix.LoRAPeftTrainer`
+  (tunix ``PeftTrainer`` that can pass ``full_grads=``, for SoLoRA) and
+  :func:`~lora_optax.flax.tunix.peft_lora_one_init`; needs ``google-tunix``
+  (``pip install 'lora_optax[gemma]'``), imported on first use of these names.
 """
 
 from lora_optax.flax.checkpoint import LoRACheckpointer
@@ -41,6 +45,26 @@ from lora_optax.flax.train import (
     shard_batch,
     shard_model,
 )
+
+# Imported on first access, so that flax users without tunix are not affected.
+_TUNIX_NAMES = ("LoRAPeftTrainer", "peft_loss_fn", "peft_lora_one_init")
+
+
+def __getattr__(name: str):
+    if name in _TUNIX_NAMES:
+        try:
+            from lora_optax.flax import tunix
+        except ImportError as e:
+            raise ImportError(
+                f"lora_optax.flax.{name} needs google-tunix: pip install 'lora_optax[gemma]'."
+            ) from e
+        return getattr(tunix, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TUNIX_NAMES))
+
 
 __all__ = [
     "SCALE_CONVENTIONS",
