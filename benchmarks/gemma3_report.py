@@ -311,6 +311,15 @@ def write(records: Sequence[Any], cfg: Any, task_info: dict, meta: dict, out_dir
         f"Budget estimate printed at the start: ~{est.get('estimated_min', float('nan')):.0f} "
         f"min ({est.get('steps', '?')} steps × {est.get('step_s', float('nan')):.2f} s, load "
         f"`{est.get('load', '')}`).  ",
+        *(
+            [
+                f"**Smoke run: {cfg.grid_steps}/{cfg.steps} steps on {cfg.val_size}/"
+                f"{cfg.test_size} questions. It shows that the machinery works; its "
+                "accuracies are not a result.**  "
+            ]
+            if cfg.steps < 100
+            else []
+        ),
         "Load average (1 min) after each run: "
         + (f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—")
         + " on 2 cores shared with other jobs.",

@@ -878,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in cfg.optimizers:
             run_optimizer(session, bench, data, rank, name, progress)
     session.save(final=True)
+    ckpt_root = args.out_dir / f"{args.name}_ckpt"
+    if ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
+        ckpt_root.rmdir()
     recs = session.all_records()
     gemma3_report.write(
         recs,
