@@ -14,7 +14,7 @@
 # and one log per part. --dry-run: tiny sizes on the CPU (a random 1-layer Gemma, the
 # toy LoRA tree), seconds; the test suite runs it. Environment: DATA (an LLM-Adapters
 # folder; default: the packaged OpenBookQA slice), PYTHON (default python),
-# GEMMA_WALL_MIN (default 5.5), OPTIMIZERS (after adamw,lora_rite).
+# GEMMA_WALL_MIN (default 5.5), OPTIMIZERS (after adamw,lora_rite), SUITE_LIMIT_S (480).
 set -euo pipefail
 
 DRY=0
@@ -51,8 +51,8 @@ else
   # fits: the rate grid on validation at 2000 steps would alone take the whole budget.
   gemma=(--model gemma3-270m --combos openbookqa:16
     --optimizers "adamw,lora_rite${OPTIMIZERS:+,$OPTIMIZERS}"
-    --grid 2e-4,1e-3 --extend-grid 0 --seeds 0,1 --grid-steps 500 --steps 2000
-    --batch-size 16 --eval-batch-size 64 --val-size 500 --test-size 500
+    --grid 2e-4,1e-3 --extend-grid 0 --seeds 0,1 --grid-steps 300 --steps 2000
+    --batch-size 16 --eval-batch-size 64 --val-size 200 --test-size 500
     --prompt-style instruction --max-len 160 --ckpt-every 500
     --max-wall-min "${GEMMA_WALL_MIN:-5.5}")
 fi
@@ -64,6 +64,20 @@ fi
   >"$OUT/optimizer_overhead.log" 2>&1
 echo "overhead table: $OUT/optimizer_overhead_gpu.md ($(($(date +%s) - start)) s)"
 
-"$PY" benchmarks/reproduce_lora_rite.py "${gemma[@]}" --out-dir "$OUT" \
-  --name reproduce_lora_rite_gemma3_gpu >"$OUT/reproduce_gemma3.log" 2>&1
+# The whole suite stays within SUITE_LIMIT_S (default 480 s): the protocol is stopped at
+# the limit; every finished run is already in the json (written atomically after each
+# run), and the same command plus --resume continues from the last run checkpoint.
+left=$((${SUITE_LIMIT_S:-480} - ($(date +%s) - start) - 10))
+rc=0
+timeout --signal=TERM "$((left > 30 ? left : 30))" \
+  "$PY" benchmarks/reproduce_lora_rite.py "${gemma[@]}" --out-dir "$OUT" \
+  --name reproduce_lora_rite_gemma3_gpu >"$OUT/reproduce_gemma3.log" 2>&1 || rc=$?
+if [[ $rc == 124 ]]; then
+  echo "gemma 3 protocol: stopped at the time limit; finished runs are in the json"
+  "$PY" benchmarks/reproduce_lora_rite.py "${gemma[@]}" --out-dir "$OUT" \
+    --name reproduce_lora_rite_gemma3_gpu --report-only >>"$OUT/reproduce_gemma3.log" 2>&1 || true
+elif [[ $rc != 0 ]]; then
+  echo "gemma 3 protocol failed (exit $rc): see $OUT/reproduce_gemma3.log" >&2
+  exit "$rc"
+fi
 echo "gemma 3 protocol: $OUT/reproduce_lora_rite_gemma3_gpu.md ($(($(date +%s) - start)) s)"
