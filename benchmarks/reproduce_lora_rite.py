@@ -1,5 +1,9 @@
 """Reproduce the LoRA-RITE comparison (Yen et al., ICLR 2025, Tables 2–3) at CPU scale.
 
+``--model gemma3-270m`` (or ``tiny``) runs the paper's decoder-LM protocol on the real
+Gemma 3 270M instead (``benchmarks/reproduce_gemma3.py``); without it, the encoder
+reproduction below.
+
 LoRA fine-tuning of the real pretrained all-MiniLM-L6-v2 encoder (6 layers, d = 384) on
 ARC-Challenge, OpenBookQA and BoolQ (LLM-Adapters files), scored as multiple choice with
 an encoder multiple-choice head: every (question, choice) pair is encoded, mean-pooled
@@ -1262,6 +1266,12 @@ _INT_FIELDS = (
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model",
+        default="minilm",
+        help="minilm (this encoder protocol) | gemma3-270m | tiny: the decoder-LM protocol "
+        "of benchmarks/reproduce_gemma3.py (see its --help)",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--quick", action="store_true", help="smoke test (≤ 5 min on 2 cores)")
     p.add_argument("--combos", default=None, help="comma list of task:rank (e.g. boolq:16)")
@@ -1326,7 +1336,27 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     return args, cfg
 
 
+def _model_flag(argv: Sequence[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1]
+    return "minilm"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _model_flag(argv) != "minilm":  # the decoder-LM protocol: reproduce_gemma3.py
+        import importlib.util
+
+        path = Path(__file__).resolve().parent / "reproduce_gemma3.py"
+        spec = importlib.util.spec_from_file_location("reproduce_gemma3", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault("reproduce_gemma3", module)
+        spec.loader.exec_module(module)
+        return int(module.main(argv))
     args, cfg = parse_args(argv)
     if args.report_only is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)

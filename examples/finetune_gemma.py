@@ -29,9 +29,7 @@ continues from the last complete checkpoint with the same losses as an uninterru
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -46,84 +44,15 @@ from lora_optax import tasks
 from lora_optax.flax import apply_lora, gemma
 from lora_optax.flax.cli import OPTIMIZERS, add_common_args, parse_mesh, train_loop
 from lora_optax.flax.train import make_eval_step
+from lora_optax.tasks import lm
 from lora_optax.tasks.tokenizers import ByteTokenizer, decode_until_eos, find_tokenizer
 
 PACKAGED = "gemma3-270m"
 
-# ---------------------------------------------------------------------------- prompts
-
-
-def prompt_and_target(ex: tasks.Example, style: str) -> tuple[str, str]:
-    """The training pair: prompt and gold answer text."""
-    if style == "instruction":
-        return tasks.format_instruction(ex)
-    if ex.kind == tasks.GENERATION:
-        return tasks.format_generation(ex)
-    prompt, choices = tasks.format_lm_multiple_choice(ex)
-    return prompt, choices[ex.label]
-
-
-def prompt_and_candidates(ex: tasks.Example, style: str) -> tuple[str, list[str]]:
-    """The scoring prompt and one answer text per choice (same format as training)."""
-    if style == "instruction":
-        prompt = tasks.format_instruction(ex)[0]
-        cands = [
-            tasks.format_instruction(dataclasses.replace(ex, label=k))[1]
-            for k in range(ex.num_choices)
-        ]
-        return prompt, cands
-    return tasks.format_lm_multiple_choice(ex)
-
-
-# ---------------------------------------------------------------------------- batches
-
-
-def _round_up(n: int, multiple: int = 8) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
-
-
-def make_train_collate(tok, max_length: int, num_targets: int, style: str):
-    """Rows ``prompt + answer + EOS`` (prompt cut on the left when too long) and the
-    positions that predict the answer (``tasks.answer_targets``)."""
-
-    def collate(items: list[tasks.Example]) -> dict[str, np.ndarray]:
-        rows = []
-        for ex in items:
-            prompt, target = prompt_and_target(ex, style)
-            rows.append(
-                tasks.pack_prompt_target(
-                    [tok.bos_id, *tok.encode(prompt)],
-                    tok.encode(target)[: num_targets - 1],
-                    max_length,
-                    pad_id=tok.pad_id,
-                    eos_id=tok.eos_id,
-                )
-            )
-        mask = np.stack([r["target_mask"] for r in rows])
-        return {
-            "tokens": np.stack([r["input_ids"] for r in rows]),
-            **tasks.answer_targets(mask, num_targets),
-        }
-
-    return collate
-
-
-def encode_choices(tok, examples, style: str):
-    """Per question: prompt ids (with BOS) and the ids of each candidate."""
-    out = []
-    for ex in examples:
-        prompt, cands = prompt_and_candidates(ex, style)
-        out.append(([tok.bos_id, *tok.encode(prompt)], [tok.encode(c) for c in cands]))
-    return out
-
-
-def choice_batch(encoded, max_length: int, num_targets: int, num_choices: int, pad_id: int):
-    """One packed row per question (``tasks.pack_choices``), stacked."""
-    rows = [
-        tasks.pack_choices(p, c, max_length, num_targets, num_choices=num_choices, pad_id=pad_id)
-        for p, c in encoded
-    ]
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+# Prompts, training rows and packed scoring rows: lora_optax.tasks.lm (shared with
+# benchmarks/reproduce_gemma3.py).
+prompt_and_target = lm.prompt_and_target
+_round_up = lm.round_up
 
 
 def prompt_batch(tok, items, max_length: int, style: str) -> np.ndarray:
@@ -184,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prompt-style",
         default="auto",
-        choices=["auto", "qa", "instruction"],
-        help="auto: qa for Gemma 3, instruction otherwise",
+        choices=["auto", *lm.PROMPT_STYLES],
+        help="auto: qa for Gemma 3, instruction otherwise; compact: instruction without "
+        "the template's generic first sentence",
     )
     p.add_argument("--gemma-config", default="gemma_2b", help="Gemma v1/v2: tunix ModelConfig")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or sentencepiece model")
@@ -226,44 +156,17 @@ def make_evaluate(args, tok, test, style, mesh, model_config=None):
         return evaluate_generation
 
     used = sorted({int(i) for idx, _ in chunks for i in idx})
-    encoded = dict(zip(used, encode_choices(tok, [test[i] for i in used], style)))
-    num_choices = max(ex.num_choices for ex in test)
-    # Questions sorted by packed length, each batch padded to its own longest row
-    # (rounded up to 32 positions / 16 scored tokens): a few compilations, and
-    # about a third of the work of padding every row to the longest of the test set.
-    size = {i: (len(p) + sum(map(len, c)), sum(map(len, c))) for i, (p, c) in encoded.items()}
-    order = sorted(used, key=lambda i: size[i])
-    batches = [
-        order[k : k + args.eval_batch_size] for k in range(0, len(order), args.eval_batch_size)
-    ]
-    window = getattr(model_config, "sliding_window_size", None)
-    longest = max(n for n, _ in size.values())
-    if window is not None and longest > window:
-        raise SystemExit(
-            f"evaluation rows of {longest} tokens exceed the model's sliding attention window "
-            f"({window}): the packed choices would see different context."
+    try:
+        return gemma.make_choice_evaluator(
+            tok,
+            [test[i] for i in used],
+            style=style,
+            batch_size=args.eval_batch_size,
+            mesh=mesh,
+            window=getattr(model_config, "sliding_window_size", None),
         )
-    score = make_eval_step(gemma.choice_log_likelihoods, mesh=mesh)
-
-    def evaluate(model) -> dict[str, float]:
-        scores, lengths, labels = [], [], []
-        for ids in batches:
-            length = _round_up(max(size[i][0] for i in ids), 32)
-            targets = _round_up(max(size[i][1] for i in ids), 16)
-            rows = [encoded[i] for i in ids]
-            rows += [rows[0]] * (args.eval_batch_size - len(rows))  # fixed batch size
-            batch = choice_batch(rows, length, targets, num_choices, tok.pad_id)
-            s, n = (np.asarray(x)[: len(ids)] for x in score(model, batch))
-            scores += list(np.where(n > 0, s, -np.inf))
-            lengths += list(n)
-            labels += [test[i].label for i in ids]
-        return {
-            "accuracy": tasks.multiple_choice_accuracy(scores, labels),
-            "accuracy_norm": tasks.multiple_choice_accuracy(scores, labels, lengths),
-            "eval_examples": len(labels),
-        }
-
-    return evaluate
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -287,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = args.targets if args.targets != "auto" else ("gemma3" if gemma3 else "gemma")
     answer_tokens = max(len(tok.encode(prompt_and_target(ex, style)[1])) for ex in train[:2000])
     num_targets = _round_up(min(answer_tokens + 1, args.max_length - 1))
-    collate = make_train_collate(tok, args.max_length, num_targets, style)
+    collate = lm.make_train_collate(tok, args.max_length, num_targets, style)
     sample = collate(train[:1])
 
     def lora_model():

@@ -167,3 +167,44 @@ def test_reproduce_lora_rite_grid_extension():
     assert mod._extension([run(1e-3, 50.0), run(4e-3, 40.0)]) == 0.00025
     # ties go to the lower final loss, then the lower learning rate
     assert mod._extension([run(1e-3, 40.0), run(4e-3, 40.0)]) == 0.00025
+
+
+def test_device_suite_dry_run(tmp_path):
+    """benchmarks/device_suite.sh --dry-run on the CPU: the update-overhead table (toy
+    tree) and the Gemma decoder-LM protocol on a random 1-layer Gemma (grid on
+    validation, the picked rate on test, json / markdown / plots); then --resume of the
+    finished json trains nothing again."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tunix.models.gemma.model")
+    pytest.importorskip("qwix")
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "device"
+    env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
+    script = ROOT / "benchmarks" / "device_suite.sh"
+    subprocess.run(["bash", str(script), "--dry-run", str(out)], cwd=ROOT, env=env, check=True)
+    assert "lora_rite" in (out / "optimizer_overhead_gpu.md").read_text()
+    name = "reproduce_lora_rite_gemma3_gpu"
+    saved = json.loads((out / f"{name}.json").read_text())
+    runs = saved["runs"]
+    assert [(r["stage"], r["split"], r["steps"]) for r in runs] == [
+        ("grid", "val", 2),
+        ("final", "test", 3),
+    ]
+    for r in runs:
+        assert r["model"] == "tiny" and r["lora_layers"] == 1 and r["optimizer"] == "adamw"
+        assert len(r["losses"]) == r["steps"] and all(np.isfinite(r["losses"]))
+        assert r["questions"] == 4 and len(r["correct"]) == 4
+        assert r["accuracy"] == pytest.approx(25.0 * sum(r["correct"]))
+    assert saved["wall_s"] > 0 and saved["budget_estimate"]["steps"] == 5
+    text = (out / f"{name}.md").read_text()
+    assert "LoRA-RITE paper, Table 2" in text and "PARTIAL" not in text
+    for kind in ("lr", "loss"):
+        assert (out / f"lora_rite_gemma3_gpu_{kind}.png").stat().st_size > 0
+    args = ["--model", "tiny", "--dry-run", "--optimizers", "adamw", "--grid", "1e-3"]
+    args += ["--seeds", "0", "--no-zero-shot", "--out-dir", str(out), "--name", name]
+    assert _load("reproduce_lora_rite").main([*args, "--resume"]) == 0
+    again = json.loads((out / f"{name}.json").read_text())["runs"]
+    assert again == runs

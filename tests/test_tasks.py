@@ -655,3 +655,31 @@ def test_real_llm_adapters_data():
         assert len(records) == count, (task, split)
     gsm_json = tasks.load_llm_adapters(root / "gsm8k" / "gsm8k.json", "gsm8k")
     assert len(gsm_json) == 1319 and all(e.answer is not None for e in gsm_json)
+
+
+def test_lm_prompt_styles_and_length_sorted_batches():
+    """compact = the LLM-Adapters instruction prompt without the template's generic first
+    sentence, same answers; packed scoring batches cover every question once, sorted by
+    length, padded to multiples of 32 positions / 16 scored tokens."""
+    from lora_optax.tasks import lm
+    from lora_optax.tasks.tokenizers import ByteTokenizer
+
+    exs = tasks.load_llm_adapters(tasks.packaged_data_dir(), "openbookqa", "test")[:5]
+    ex = exs[0]
+    full, target = lm.prompt_and_target(ex, "instruction")
+    compact, target2 = lm.prompt_and_target(ex, "compact")
+    assert full.startswith("Below is an instruction") and full.endswith(compact)
+    assert compact.startswith("### Instruction:\n") and target == target2
+    assert lm.prompt_and_candidates(ex, "compact")[1][ex.label] == target
+    with pytest.raises(ValueError, match="prompt style"):
+        lm.prompt_and_target(ex, "chat")
+    tok = ByteTokenizer()
+    encoded = lm.encode_choices(tok, exs, "compact")
+    batches = lm.length_sorted_batches(encoded, 2, 4, tok.pad_id)
+    order = [i for ids, _ in batches for i in ids]
+    assert sorted(order) == list(range(5))
+    sizes = [len(encoded[i][0]) + sum(map(len, encoded[i][1])) for i in order]
+    assert sizes == sorted(sizes)
+    for _, batch in batches:
+        assert batch["tokens"].shape[0] == 2 and batch["tokens"].shape[1] % 32 == 0
+        assert batch["target_index"].shape[1] % 16 == 0

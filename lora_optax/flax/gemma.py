@@ -17,7 +17,8 @@ H)`` (k and v share one pair, as in tunix); ``attn/attn_vec_einsum`` ``w (N, H, 
 Losses: :func:`lm_loss` applies the LM head at every position; :func:`answer_loss`
 (with :func:`lora_optax.tasks.answer_targets`) only at the positions that predict answer tokens,
 which on Gemma 3's 262 144-word head is most of the cost of a short-answer step.
-:func:`choice_log_likelihoods` scores multiple-choice candidates the same way.
+:func:`choice_log_likelihoods` scores multiple-choice candidates the same way, and
+:func:`make_choice_evaluator` turns it into an accuracy over a set of questions.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "lm_loss",
     "load_gemma",
     "load_gemma3",
+    "make_choice_evaluator",
     "make_greedy",
     "model_inputs",
     "packaged_gemma3_path",
@@ -665,3 +667,79 @@ def make_greedy(max_new_tokens: int, *, eos_id: int, pad_id: int = 0):
         return buf[:, p:]
 
     return greedy
+
+
+def make_choice_evaluator(
+    tok: Any,
+    examples: Any,
+    *,
+    style: str,
+    batch_size: int = 16,
+    mesh: Any = None,
+    window: int | None = None,
+    per_question: bool = False,
+) -> Any:
+    """``evaluate(model) -> {"accuracy", "accuracy_norm", "eval_examples"}`` over ``examples``.
+
+    Multiple choice by the summed log-likelihood of each candidate answer
+    (:func:`choice_log_likelihoods`; ``accuracy_norm`` divides it by the candidate's token
+    count), one packed row per question holding all its candidates
+    (:func:`lora_optax.tasks.pack_choices`: the prompt is computed once), questions sorted
+    by length and each batch padded to its own longest row
+    (:func:`lora_optax.tasks.lm.length_sorted_batches`). The rows are tokenised once, here.
+
+    Args:
+      tok: the tokenizer (``encode``, ``bos_id``, ``pad_id``).
+      examples: multiple-choice :class:`lora_optax.tasks.Example` s.
+      style: a prompt style of :data:`lora_optax.tasks.lm.PROMPT_STYLES` (the training one).
+      batch_size: questions per scoring batch.
+      mesh: a device mesh (batches sharded over ``data``).
+      window: the model's sliding attention window, if any.
+      per_question: also return ``"correct"``, a 0/1 array in the order of ``examples``
+        (for paired per-question tests between two models).
+
+    Raises:
+      ValueError: for an empty set, or a packed row longer than ``window`` (its choices
+        would see different context).
+    """
+    from lora_optax import tasks
+    from lora_optax.flax.train import make_eval_step
+    from lora_optax.tasks import lm
+
+    examples = list(examples)
+    if not examples:
+        raise ValueError("make_choice_evaluator: no examples.")
+    encoded = lm.encode_choices(tok, examples, style)
+    longest = max(len(p) + sum(map(len, c)) for p, c in encoded)
+    if window is not None and longest > window:
+        raise ValueError(
+            f"evaluation rows of {longest} tokens exceed the model's sliding attention window "
+            f"({window}): the packed choices would see different context."
+        )
+    num_choices = max(ex.num_choices for ex in examples)
+    batches = lm.length_sorted_batches(encoded, batch_size, num_choices, tok.pad_id)
+    score = make_eval_step(choice_log_likelihoods, mesh=mesh)
+
+    def evaluate(model: Any) -> dict[str, Any]:
+        scores: list[Any] = []
+        lengths: list[Any] = []
+        order: list[int] = []
+        for ids, batch in batches:
+            s, n = (np.asarray(x)[: len(ids)] for x in score(model, batch))
+            scores += list(np.where(n > 0, s, -np.inf))
+            lengths += list(n)
+            order += ids
+        labels = [examples[i].label for i in order]
+        out: dict[str, Any] = {
+            "accuracy": tasks.multiple_choice_accuracy(scores, labels),
+            "accuracy_norm": tasks.multiple_choice_accuracy(scores, labels, lengths),
+            "eval_examples": len(labels),
+        }
+        if per_question:
+            pred = tasks.multiple_choice_predictions(scores)
+            correct = np.zeros(len(examples), np.int8)
+            correct[order] = np.asarray(pred) == np.asarray(labels)
+            out["correct"] = correct
+        return out
+
+    return evaluate
