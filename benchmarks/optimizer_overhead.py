@@ -29,8 +29,8 @@ one pair per layer covers both), timed through :func:`lora_optax.flax.make_train
 backward pass). One model per optimizer sharing the frozen weights, run interleaved.
 The update-only times of the same LoRA tree are measured in the same process.
 
-Adding an optimizer is one line in ``REGISTRY`` (plus ``FULL_GRADS`` if it reads
-``full_grads=``). Usage::
+Every optimizer of the registry (:data:`lora_optax.OPTIMIZERS`) is benchmarked, plus
+the variants in ``VARIANTS``. Usage::
 
   python benchmarks/optimizer_overhead.py --ranks 4 16 64 --repeats 30 \\
       --out benchmarks/results/optimizer_overhead_cpu.md
@@ -50,14 +50,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import dataclasses
-import inspect
 import platform
 import resource
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -71,37 +69,46 @@ import lora_optax as lox
 LR = 1e-4
 BASELINE = "adamw"
 
-# name -> factory(pairs) of the transformation, library defaults apart from the
-# learning rate. One line per optimizer. ``pairs`` is None for the update-only tree
-# (found by name) and the model's pair spec (with its LoRA scale) for the train step.
-REGISTRY: dict[str, Callable[[Any], optax.GradientTransformation]] = {
-    "adamw": lambda pairs: optax.adamw(LR),
-    "lamb": lambda pairs: optax.lamb(LR),
-    "sgd": lambda pairs: optax.sgd(LR),
-    "lora_rite": lambda pairs: lox.lora_rite(LR, pairs=pairs),
-    "lora_rite_unstacked": lambda pairs: lox.lora_rite(LR, stack_pairs=False, pairs=pairs),
-    "lora_rite_qr": lambda pairs: lox.lora_rite(LR, basis="qr", pairs=pairs),
-    "scaled_adamw": lambda pairs: lox.scaled_adamw(LR, pairs=pairs),
-    "scaled_sgd": lambda pairs: lox.scaled_sgd(LR, pairs=pairs),
-    "lora_plus": lambda pairs: lox.lora_plus(LR, pairs=pairs),
-    "ilora": lambda pairs: lox.ilora(LR, pairs=pairs),
-    "pilora": lambda pairs: lox.pilora(LR, pairs=pairs),
-    "lora_one": lambda pairs: lox.lora_one(LR, pairs=pairs),
-    "lora_pro": lambda pairs: lox.lora_pro(LR, pairs=pairs),
-    "lora_pro_sgd": lambda pairs: lox.lora_pro_sgd(LR, pairs=pairs),
-    "solora_sgd": lambda pairs: lox.solora_sgd(LR, pairs=pairs),
-    "solora_adamw": lambda pairs: lox.solora_adamw(LR, pairs=pairs),
+# Variants of registry optimizers benchmarked next to them: name -> (registry name,
+# hyperparameters). Every other name is a key of lora_optax.OPTIMIZERS.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora_rite_unstacked": ("lora_rite", {"stack_pairs": False}),
+    "lora_rite_qr": ("lora_rite", {"basis": "qr"}),
 }
-if "stack_pairs" not in inspect.signature(lox.lora_rite).parameters:
-    del REGISTRY["lora_rite_unstacked"]  # this version of LoRA-RITE has no such option
-# Optimizers whose ``update`` needs ``full_grads=`` (the full-weight gradient G).
-FULL_GRADS = frozenset({"solora_sgd", "solora_adamw"})
-# SGD-type optimizers are also compared with plain SGD (column "× own base").
-OWN_BASE = {"sgd": "sgd", "scaled_sgd": "sgd", "lora_pro_sgd": "sgd", "solora_sgd": "sgd"}
+NAMES = [*lox.OPTIMIZERS, *VARIANTS]
+
+
+def _spec(name: str) -> lox.OptimizerSpec:
+    return lox.OPTIMIZERS[VARIANTS[name][0] if name in VARIANTS else name]
+
+
+def make_optimizer(name: str, pairs: Any) -> optax.GradientTransformation:
+    """``name`` (registry or variant) with library defaults apart from the learning rate.
+
+    ``pairs`` is None for the update-only tree (found by name) and the model's pair spec
+    (with its LoRA scale) for the train step.
+    """
+    registry_name, hyper = VARIANTS.get(name, (name, {}))
+    if _spec(name).lora:
+        hyper = {**hyper, "pairs": pairs}
+    return lox.get_optimizer(registry_name, LR, **hyper)
+
+
+def needs_full_grads(name: str) -> bool:
+    """The update reads ``full_grads=`` (the full-weight gradient G), per the registry."""
+    return _spec(name).needs_full_grads
+
+
+def own_base(name: str) -> str:
+    """The baseline an optimizer is also compared with (column "× own base"): plain SGD
+    for the SGD-type ones, AdamW otherwise."""
+    return "sgd" if _spec(name).base == "sgd" else BASELINE
+
+
 # lora_rite_qr only on request: with jaxlib 0.10.2 its update on the 18-layer tree never
 # finishes on a 2-core CPU (each batched-QR custom call blocks a thread of XLA's intra-op
 # pool while waiting for sub-tasks queued on that same pool; two at once deadlock).
-DEFAULT_OPTIMIZERS = [n for n in REGISTRY if n != "lora_rite_qr"]
+DEFAULT_OPTIMIZERS = [n for n in NAMES if n != "lora_rite_qr"]
 
 # Gemma-2B (gemma/flax config "gemma_2b"): attention geometry.
 GEMMA_2B = dict(num_layers=18, d_model=2048, num_heads=8, num_kv_heads=1, head_dim=256)
@@ -239,20 +246,20 @@ def bench_update(
     """Interleaved update-only timing of ``names`` on ``params``.
 
     Returns the per-optimizer results and the bytes of the ``full_grads`` tree given to
-    the optimizers in :data:`FULL_GRADS` (0 if none ran).
+    the optimizers that need it (0 if none ran).
     """
     rng = np.random.default_rng(1)
     grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 1e-3, x.dtype), params)
-    full = random_full_grads(params, pairs) if FULL_GRADS.intersection(names) else None
+    full = random_full_grads(params, pairs) if any(map(needs_full_grads, names)) else None
     runs = {}
     for name in names:
-        tx = REGISTRY[name](pairs)
+        tx = make_optimizer(name, pairs)
         state = tx.init(params)
-        extra = (full,) if name in FULL_GRADS else ()
+        extra = (full,) if needs_full_grads(name) else ()
         compile_times = []
         for _ in range(compile_repeats):
             # A new function each time: no cache hit.
-            fresh = jax.jit(_make_step(tx, name in FULL_GRADS), donate_argnums=(0, 1))
+            fresh = jax.jit(_make_step(tx, needs_full_grads(name)), donate_argnums=(0, 1))
             t0 = time.perf_counter()
             with _Watchdog(f"compiling the update of {name}"):
                 compiled = fresh.lower(params, state, grads, *extra).compile()
@@ -382,9 +389,9 @@ def bench_train_step(args, names: list[str]) -> dict[str, Any]:
     for name in names:
         # Own LoRA factors (donated by the step), shared frozen weights (never donated).
         m = nnx.merge(graphdef, frozen, _copy(rest))
-        tx = REGISTRY[name](spec)
+        tx = make_optimizer(name, spec)
         opt = nnx.Optimizer(m, tx, wrt=nnx.LoRAParam)
-        step = lf.make_train_step(gemma.lm_loss, full_grads=name in FULL_GRADS)
+        step = lf.make_train_step(gemma.lm_loss, full_grads=needs_full_grads(name))
         t0 = time.perf_counter()
         with _Watchdog(f"the first train step of {name}"):
             loss, _ = step(m, opt, batch)  # trace + compile + one step
@@ -545,7 +552,7 @@ def to_markdown(all_results, args, load_before, load_after) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in results.items():
-            own = OWN_BASE.get(name, BASELINE)
+            own = own_base(name)
             own_r = results.get(own)
             flag = "" if r["finite"] else " (NON-FINITE)"
             lines.append(
@@ -639,7 +646,7 @@ def main(argv=None) -> dict[str, Any]:
         "--optimizers",
         nargs="+",
         default=DEFAULT_OPTIMIZERS,
-        help=f"names from the registry (default: all but lora_rite_qr): {', '.join(REGISTRY)}",
+        help=f"registry names and variants (default: all but lora_rite_qr): {', '.join(NAMES)}",
     )
     parser.add_argument(
         "--quick",
@@ -670,9 +677,9 @@ def main(argv=None) -> dict[str, Any]:
     train.add_argument("--seq", type=int, default=128)
     train.add_argument("--rank", type=int, default=16)
     args = parser.parse_args(argv)
-    unknown = [n for n in args.optimizers if n not in REGISTRY]
+    unknown = [n for n in args.optimizers if n not in NAMES]
     if unknown:
-        parser.error(f"unknown optimizers {unknown}; known: {list(REGISTRY)}")
+        parser.error(f"unknown optimizers {unknown}; known: {NAMES}")
     _Watchdog.seconds = args.step_timeout
     if args.quick:
         args.warmup, args.repeats, args.compile_repeats = 1, 2, 1
@@ -682,7 +689,7 @@ def main(argv=None) -> dict[str, Any]:
         args.vocab = default_vocab(args.layers)
     names = list(dict.fromkeys(args.optimizers))
     # The baselines first: adamw always, sgd when an SGD-type method is compared with it.
-    needed = [BASELINE] + sorted({OWN_BASE[n] for n in names if n in OWN_BASE} - {BASELINE})
+    needed = [BASELINE] + sorted({own_base(n) for n in names} - {BASELINE})
     names = [n for n in needed if n not in names] + names
     load_before = _load()
     if args.train_step:

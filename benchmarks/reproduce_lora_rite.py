@@ -29,7 +29,8 @@ flag) and shared by all optimizers, only the (cheap) optimizer update is compile
 optimizer. Every split is tokenised once per task into fixed-shape arrays.
 
 Code layout:
-  * :func:`optimizer_registry` — name → optax transformation factory;
+  * :func:`optimizer_registry` — name → optax transformation factory (read from
+    :data:`lora_optax.OPTIMIZERS`);
   * :func:`load_task_data` — examples → tokenised fixed-shape arrays per split;
   * :func:`build_model` — pretrained MiniLM + LoRA + head, split into trainable /
     frozen pytrees, with a pure ``apply`` (and the kernels' gradient for full gradients);
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -94,12 +94,6 @@ PAPER_RANKING = (
 # --------------------------------------------------------------------------- optimizers
 
 
-def _call(fn: Callable[..., Any], lr: Any, **kwargs: Any) -> Any:
-    """``fn(lr, **kwargs)`` passing only the keyword arguments ``fn`` accepts."""
-    params = inspect.signature(fn).parameters
-    return fn(lr, **{k: v for k, v in kwargs.items() if k in params})
-
-
 @dataclasses.dataclass(frozen=True)
 class OptSpec:
     """An optimizer of the comparison.
@@ -120,57 +114,35 @@ class OptSpec:
 
 
 def optimizer_registry(weight_decay: float = 0.0) -> tuple[dict[str, OptSpec], list[str]]:
-    """The optimizers available in this checkout, and the missing ones.
+    """The optimizers of the comparison, and the names asked for but unknown (none).
 
+    Every adaptive optimizer of the library's registry (:data:`lora_optax.OPTIMIZERS`,
+    all but the SGD-type ones: the paper compares adaptive methods) with its label.
     ``make(lr, pairs=...)`` for the LoRA methods: the runner passes the model's pair
     spec (carrying the LoRA scale ``s``, which SoLoRA's ``g = s·G Bᵀ`` needs).
 
     Settings (LoRA-RITE A.1 where it says): β = (0.9, 0.999), weight decay
     ``weight_decay`` for every method (0 by default), LoRA+ ratio 16 (LoRA+ paper/PEFT;
-    the LoRA-RITE paper's decoder runs used 4), scaled AdamW δ = 1e-6, LoRA-RITE with
-    its default safeguards, iLoRA/πLoRA with their default λ, LoRA-One's spectral
-    initialisation with γ = 128 followed by AdamW-style updates.
+    the LoRA-RITE paper's decoder runs used 4), everything else at the registry's
+    defaults (scaled AdamW δ = 1e-6, LoRA-RITE with its default safeguards, iLoRA/πLoRA
+    with their default λ); a method with its own initialisation (LoRA-One's spectral
+    initialisation, γ = 128) gets it before training.
     """
-    wd = weight_decay
-    reg: dict[str, OptSpec] = {
-        "adamw": OptSpec(
-            "adamw", "Adam(W)", lambda lr: optax.adamw(lr, weight_decay=wd), uses_pairs=False
-        ),
-        "lora_plus": OptSpec(
-            "lora_plus",
-            "LoRA+",
-            lambda lr, **kw: lox.lora_plus(lr, ratio=16.0, weight_decay=wd, **kw),
-        ),
-        "scaled_adamw": OptSpec(
-            "scaled_adamw",
-            "ScaledAdam",
-            lambda lr, **kw: lox.scaled_adamw(lr, weight_decay=wd, **kw),
-        ),
-        "lamb": OptSpec(
-            "lamb", "Lamb", lambda lr: optax.lamb(lr, weight_decay=wd), uses_pairs=False
-        ),
-    }
-    missing = []
-    optional = [
-        ("lora_rite", "LoRA-RITE", "lora_rite", False, False),
-        ("ilora", "iLoRA", "ilora", False, False),
-        ("pilora", "πLoRA", "pilora", False, False),
-        ("lora_one", "LoRA-One", "lora_one", False, True),
-        ("solora", "SoLoRA", "solora_adamw", True, False),
-    ]
-    for name, label, attr, full, spectral in optional:
-        fn = getattr(lox, attr, None)
-        if fn is None or (spectral and not hasattr(lox, "spectral_init_pairs")):
-            missing.append(name)
+    settings = {"weight_decay": weight_decay, "ratio": 16.0}
+    reg: dict[str, OptSpec] = {}
+    for name, spec in lox.OPTIMIZERS.items():
+        if spec.base == "sgd":
             continue
+        hyper = {k: v for k, v in settings.items() if k in spec.defaults}
         reg[name] = OptSpec(
             name,
-            label,
-            functools.partial(lambda f, lr, **kw: _call(f, lr, weight_decay=wd, **kw), fn),
-            full_grads=full,
-            spectral_init=spectral,
+            spec.label,
+            functools.partial(spec.factory, **hyper),
+            full_grads=spec.needs_full_grads,
+            spectral_init=spec.initializer is not None,
+            uses_pairs=spec.lora,
         )
-    return reg, missing
+    return reg, []
 
 
 def peak_schedule(steps: int, warmup: int) -> Callable[[Any], Any]:
@@ -254,7 +226,7 @@ _RESUME_KEYS = (
 
 QUICK = dict(
     combos=(("openbookqa", 4),),
-    optimizers=("adamw", "lora_rite", "lora_one", "solora"),
+    optimizers=("adamw", "lora_rite", "lora_one", "solora_adamw"),
     grid=(1e-3, 1e-2),
     extend_grid=1,
     seeds=(0, 1),

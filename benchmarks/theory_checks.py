@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
+import functools
 import os
 import platform
 import sys
@@ -52,12 +52,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # --------------------------------------------------------------------------- optimizers
 
 
-def _call(fn: Callable[..., Any], lr: Any, **kwargs: Any) -> Any:
-    """``fn(lr, **kwargs)`` passing only the keyword arguments ``fn`` accepts."""
-    params = inspect.signature(fn).parameters
-    return fn(lr, **{k: v for k, v in kwargs.items() if k in params})
-
-
 @dataclasses.dataclass(frozen=True)
 class Opt:
     name: str
@@ -70,56 +64,32 @@ GRID_SGD = (0.01, 0.03, 0.1, 0.2, 0.5)
 GRID_ADAPTIVE = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
 
-def optimizers() -> tuple[list[Opt], list[str]]:
-    """The optimizers available in this checkout, and the names of the missing ones.
+# Hyperparameters set for every optimizer that has them: no weight decay (the target is
+# exactly representable), δ = 1e-12 for the preconditioned methods (float64), LoRA+ ratio 16.
+SETTINGS: dict[str, Any] = {"weight_decay": 0.0, "delta": 1e-12, "ratio": 16.0}
+# Variants of registry optimizers: name -> (registry name, hyperparameters).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # LoRA-RITE without its two safeguards (joint clipping, RMS skip).
+    "lora_rite_nosafe": ("lora_rite", {"clip_unmagnified_grad": 0.0, "skip_threshold": 0.0}),
+}
 
-    Weight decay is 0 everywhere (the target is exactly representable).
+
+def optimizers() -> tuple[list[Opt], list[str]]:
+    """Every optimizer of the registry (:data:`lora_optax.OPTIMIZERS`) and the variants,
+    and the names of the missing ones (none: the registry is the list).
+
+    SGD-type optimizers (base optimizer SGD) tune their step size on ``GRID_SGD``, the
+    others on ``GRID_ADAPTIVE``.
     """
-    opts = [
-        Opt("sgd", lambda lr: optax.sgd(lr), GRID_SGD),
-        Opt("scaled_sgd", lambda lr: lox.scaled_sgd(lr, delta=1e-12), GRID_SGD),
-        Opt("adamw", lambda lr: optax.adamw(lr, weight_decay=0.0), GRID_ADAPTIVE),
-        Opt(
-            "scaled_adamw",
-            lambda lr: lox.scaled_adamw(lr, weight_decay=0.0, delta=1e-12),
-            GRID_ADAPTIVE,
-        ),
-        Opt(
-            "lora_plus",
-            lambda lr: lox.lora_plus(lr, ratio=16.0, weight_decay=0.0),
-            GRID_ADAPTIVE,
-        ),
-    ]
-    missing = []
-    if hasattr(lox, "lora_rite"):
-        opts.append(
-            Opt(
-                "lora_rite",
-                lambda lr: _call(lox.lora_rite, lr, weight_decay=0.0),
-                GRID_ADAPTIVE,
-            )
-        )
-        # the same without the two safeguards (joint clipping, RMS skip)
-        opts.append(
-            Opt(
-                "lora_rite_nosafe",
-                lambda lr: _call(
-                    lox.lora_rite,
-                    lr,
-                    weight_decay=0.0,
-                    clip_unmagnified_grad=0.0,
-                    skip_threshold=0.0,
-                ),
-                GRID_ADAPTIVE,
-            )
-        )
-    else:
-        missing.append("lora_rite")
-    if hasattr(lox, "solora_sgd"):
-        opts.append(Opt("solora_sgd", lambda lr: _call(lox.solora_sgd, lr), GRID_ADAPTIVE, True))
-    else:
-        missing.append("solora_sgd")
-    return opts, missing
+    opts = []
+    entries = [(n, n, {}) for n in lox.OPTIMIZERS] + [(n, *v) for n, v in VARIANTS.items()]
+    for name, registry_name, extra in entries:
+        spec = lox.OPTIMIZERS[registry_name]
+        hyper = {k: v for k, v in SETTINGS.items() if k in spec.defaults} | extra
+        grid = GRID_SGD if spec.base == "sgd" else GRID_ADAPTIVE
+        make = functools.partial(lox.get_optimizer, registry_name, **hyper)
+        opts.append(Opt(name, make, grid, spec.needs_full_grads))
+    return opts, []
 
 
 # --------------------------------------------------------------------------- problems

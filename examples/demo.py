@@ -63,19 +63,26 @@ def loss_fn(lora, base, x, y):
     return jnp.mean((forward(base, lora, x) - y) ** 2)
 
 
-OPTIMIZERS = {
-    "adamw": lambda: optax.adamw(3e-3, weight_decay=0.0),
-    "scaled_adamw": lambda: lox.scaled_adamw(3e-3, weight_decay=0.0),
-    "scaled_sgd": lambda: lox.scaled_sgd(0.3),
-    "lora_plus": lambda: lox.lora_plus(3e-3, ratio=4.0, weight_decay=0.0),
-}
-if hasattr(lox, "lora_rite"):
-    OPTIMIZERS["lora_rite"] = lambda: lox.lora_rite(3e-3)
+# Learning rates for this problem: adaptive (AdamW-type) and SGD-type optimizers. The
+# optimizers themselves come from the registry, lora_optax.OPTIMIZERS.
+ADAPTIVE_LR, SGD_LR = 3e-3, 0.3
+DEFAULT = ("adamw", "scaled_adamw", "lora_rite")
+
+
+def make_optimizer(name: str) -> optax.GradientTransformation:
+    """The registry's optimizer ``name`` at this demo's learning rate, without weight
+    decay (the teacher is exactly representable) and with the LoRA+ ratio 4."""
+    spec = lox.OPTIMIZERS[name]
+    if spec.needs_full_grads:
+        raise SystemExit(f"{name} needs full-weight gradients, which this demo does not compute.")
+    settings = {"weight_decay": 0.0, "ratio": 4.0}
+    kwargs = {k: v for k, v in settings.items() if k in spec.defaults}
+    return lox.get_optimizer(name, SGD_LR if spec.base == "sgd" else ADAPTIVE_LR, **kwargs)
 
 
 def train(name: str, steps: int, report_every: int) -> list[float]:
     base, lora, x, y = make_task()
-    tx = OPTIMIZERS[name]()
+    tx = make_optimizer(name)
     state = tx.init(lora)
 
     @jax.jit
@@ -99,8 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--report-every", type=int, default=50)
-    default = "adamw,scaled_adamw" + (",lora_rite" if "lora_rite" in OPTIMIZERS else "")
-    parser.add_argument("--optimizers", default=default, help=f"from {sorted(OPTIMIZERS)}")
+    names = sorted(n for n, spec in lox.OPTIMIZERS.items() if not spec.needs_full_grads)
+    parser.add_argument("--optimizers", default=",".join(DEFAULT), help=f"from {names}")
     args = parser.parse_args()
     print(f"LoRA rank {RANK} on a frozen {D_IN}-{D_HIDDEN}-{D_OUT} MLP, jax {jax.__version__}")
     results = {}

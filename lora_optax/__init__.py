@@ -8,6 +8,7 @@ from lora_optax._src.ilora import (
     pilora,
 )
 from lora_optax._src.lora_one import (
+    SpectralInit,
     lora_one,
     scale_by_adam_uncorrected,
     spectral_init,
@@ -17,6 +18,7 @@ from lora_optax._src.lora_plus import lora_plus, scale_lora_b
 from lora_optax._src.lora_pro import (
     ScaleByLoRAProAdamState,
     lora_pro,
+    lora_pro_adamw,
     lora_pro_sgd,
     scale_by_lora_pro,
     scale_by_lora_pro_adam,
@@ -39,6 +41,7 @@ from lora_optax._src.pairs import (
     pair_parent,
     resolve_pairs,
 )
+from lora_optax._src.registry import OPTIMIZERS, OptimizerSpec, get_optimizer
 from lora_optax._src.riemannian import (
     scale_by_riemannian_preconditioner,
     scaled_adamw,
@@ -51,29 +54,33 @@ from lora_optax._src.solora import (
     solora_adamw,
     solora_sgd,
 )
-
-__version__ = "0.1.0"
+from lora_optax._version import __version__ as __version__
 
 __all__ = [
+    "OPTIMIZERS",
     "ImbalanceRegularizationState",
     "LeafIndex",
     "LoRAPair",
     "LoRARiteGroupState",
+    "OptimizerSpec",
     "ScaleByLoRAProAdamState",
     "ScaleByLoRARiteState",
     "ScaleBySoLoRAState",
+    "SpectralInit",
     "add_imbalance_regularization",
     "find_lora_pairs",
     "full_grad_for_pair",
+    "get_optimizer",
     "ilora",
     "label_tree",
     "lora_one",
     "lora_plus",
+    "lora_pro",
+    "lora_pro_adamw",
+    "lora_pro_sgd",
     "lora_rite",
     "lora_rite_factor_state",
     "lora_rite_groups",
-    "lora_pro",
-    "lora_pro_sgd",
     "make_pair",
     "pair_parent",
     "pilora",

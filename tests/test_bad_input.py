@@ -64,6 +64,8 @@ ALLOW: dict[str, str] = {
     "lora_rite_groups": "groups already validated pairs by shape; no argument of its own",
     "lora_rite_factor_state": "read-only view of an existing state; pairs are validated by "
     "resolve_pairs like every optimizer's",
+    "OPTIMIZERS": "a read-only mapping (the registry); get_optimizer validates names",
+    "OptimizerSpec": "a frozen record of the registry; nothing to validate",
 }
 
 # Known gaps, reported to the owners: (public name, check) -> reason. They run as
@@ -204,6 +206,12 @@ def _case_spectral_init_pairs():
     _raises(lambda: lox.spectral_init_pairs(params, {"l": jnp.ones((8, 6))}, gamma=0.0), "gamma")
 
 
+def _case_get_optimizer():
+    _raises(lambda: lox.get_optimizer("adam_w", 1e-3), "adam_w", "adamw")
+    _raises(lambda: lox.get_optimizer("lora_rite", 1e-3, ratio=2.0), "ratio", "skip_threshold")
+    _raises(lambda: lox.get_optimizer("lora_rite", -1e-3), "learning_rate")
+
+
 def _case_state_shardings():
     params = {"l": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 6))}}
     _raises(lambda: lox.state_shardings("sgd", params), "tx")
@@ -226,6 +234,7 @@ HELPER_CASES: dict[str, Callable[[], None]] = {
     "zero_probes": _case_zero_probes,
     "value_and_full_grads": _case_value_and_full_grads,
     "state_shardings": _case_state_shardings,
+    "get_optimizer": _case_get_optimizer,
     "spectral_init": _case_spectral_init,
     "spectral_init_pairs": _case_spectral_init_pairs,
 }

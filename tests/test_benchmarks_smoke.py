@@ -42,10 +42,10 @@ def test_theory_checks_smoke(tmp_path):
 def test_optimizer_overhead_update_smoke(tmp_path):
     bench = _load("optimizer_overhead")
     out = tmp_path / "overhead.md"
-    raw = bench.main(["--quick", "--optimizers", *bench.REGISTRY, "--out", str(out)])
+    raw = bench.main(["--quick", "--optimizers", *bench.NAMES, "--out", str(out)])
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r.split(" | ")[0][2:] for r in rows[1:]] == list(bench.REGISTRY)
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == list(bench.NAMES)
     assert "NON-FINITE" not in text and "## Notes" in text and "Load average" in text
 
     # State bytes against the methods' documented memory (rank 4 toy tree).
@@ -54,7 +54,7 @@ def test_optimizer_overhead_update_smoke(tmp_path):
     assert full > lora > 0
     assert res["adamw"]["state_bytes"] == 2 * lora + 4  # mu, nu and an int32 count
     # LoRA-Pro: two base-weight-sized Adam moments per pair; SoLoRA-AdamW: one momentum.
-    assert 2 * full <= res["lora_pro"]["state_bytes"] < 2 * full + lora
+    assert 2 * full <= res["lora_pro_adamw"]["state_bytes"] < 2 * full + lora
     assert full <= res["solora_adamw"]["state_bytes"] < full + 3 * lora
 
 
@@ -109,7 +109,7 @@ def test_reproduce_lora_rite_smoke(tmp_path):
         "--combos",
         "openbookqa:2",
         "--optimizers",
-        "lora_one,solora",
+        "lora_one,solora_adamw",
         "--grid",
         "1e-3,1e-2",
         "--seeds",

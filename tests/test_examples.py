@@ -184,10 +184,10 @@ def test_finetune_gemma_tiny_arc(tmp_path, capsys):
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 4 and all(r["loss"] == r["loss"] for r in train)
-    assert _steps(out, "eval") == [2, 4]
+    assert _steps(out, "eval") == [0, 2, 4]  # zero-shot, then every 2 steps
     assert 0.0 <= out["final_eval"]["accuracy"] <= 1.0
     assert 0.0 <= out["final_eval"]["accuracy_norm"] <= 1.0
-    assert out["final_eval"]["eval_examples"] == 2
+    assert out["final_eval"]["eval_examples"] == 4  # one batch of --eval-batch-size 16
     assert "summary" in capsys.readouterr().out
 
 

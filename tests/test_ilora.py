@@ -93,7 +93,7 @@ def test_regularization_after_any_base_step_matches_reference(problem):
     """chain(sgd, add_imbalance_regularization): A* = A − η g, then the decoupled step."""
     params = _big_params(problem)
     lr, lam = 0.03, 0.5
-    tx = optax.chain(optax.sgd(lr), lox.add_imbalance_regularization(lam, lr))
+    tx = optax.chain(optax.sgd(lr), lox.add_imbalance_regularization(lr, strength=lam))
     lib = library_run(tx, problem, params, STEPS)
 
     def step(a, b, ga, gb, state, t):
@@ -114,7 +114,7 @@ def test_regularization_alone_decreases_imbalance(x64):
     problem = FactorizationProblem.create(seed=1)
     params = _big_params(problem)
     lr = 0.01
-    tx = optax.chain(optax.sgd(lr), lox.add_imbalance_regularization(1.0, lr))
+    tx = optax.chain(optax.sgd(lr), lox.add_imbalance_regularization(lr, strength=1.0))
     state = tx.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     values = [_imbalance(params)]
@@ -156,7 +156,7 @@ def test_step_is_quarter_of_exact_gradient(x64):
         return total
 
     grad = jax.grad(objective)(params)
-    tx = lox.add_imbalance_regularization(lam, lr, pairs=pairs)
+    tx = lox.add_imbalance_regularization(lr, strength=lam, pairs=pairs)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     jax.tree.map(
@@ -173,7 +173,7 @@ def test_schedule_value_at_tracked_count(x64):
     def sched(count):
         return jnp.where(count == 1, 0.01, 0.0)
 
-    tx = lox.add_imbalance_regularization(1.0, sched)
+    tx = lox.add_imbalance_regularization(sched, strength=1.0)
     state = tx.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     u0, state = tx.update(zeros, state, params)
@@ -210,7 +210,7 @@ def test_defaults_and_errors():
     assert inspect.signature(lox.ilora).parameters["strength"].default == 0.1
     assert inspect.signature(lox.pilora).parameters["strength"].default == 1.0
     with pytest.raises(ValueError, match="strength"):
-        lox.add_imbalance_regularization(-1.0, 0.1)
+        lox.add_imbalance_regularization(0.1, strength=-1.0)
     with pytest.raises(ValueError, match="learning_rate"):
         lox.ilora(-0.1)
     with pytest.raises(ValueError, match="b1"):
@@ -220,7 +220,7 @@ def test_defaults_and_errors():
     with pytest.raises(ValueError, match="param"):
         tx.update(params, tx.init(params), None)
     with pytest.raises(ValueError, match="no LoRA"):
-        lox.add_imbalance_regularization(0.1, 0.1).init({"w": jnp.ones((3, 3))})
+        lox.add_imbalance_regularization(0.1, strength=0.1).init({"w": jnp.ones((3, 3))})
 
 
 # --------------------------------------------------------------------------- safeguard
@@ -242,7 +242,7 @@ def _safeguarded_reference(a, b, lr, strength, tau):
 
 def _regularize(params, lr, strength, safeguard, steps=1):
     """``steps`` applications of the imbalance step alone (zero base update), jitted."""
-    tx = lox.add_imbalance_regularization(strength, lr, safeguard=safeguard)
+    tx = lox.add_imbalance_regularization(lr, strength=strength, safeguard=safeguard)
     step = jax.jit(tx.update)
     state, history = tx.init(params), [params]
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -366,6 +366,6 @@ def _imbalance_ratio(params):
 def test_safeguard_validated():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="safeguard"):
-            lox.add_imbalance_regularization(0.1, 0.1, safeguard=bad)
+            lox.add_imbalance_regularization(0.1, strength=0.1, safeguard=bad)
         with pytest.raises(ValueError, match="safeguard"):
             lox.ilora(0.1, safeguard=bad)

@@ -58,7 +58,7 @@ def test_spectral_init_2d_matches_reference(x64, gamma):
     rng = np.random.default_rng(0)
     g = rng.normal(size=(12, 9))
     r, s = 3, 1.7
-    a0, b0 = lox.spectral_init(jnp.asarray(g), r, gamma=gamma, scale=s)
+    a0, b0, _ = lox.spectral_init(jnp.asarray(g), r, gamma=gamma, scale=s)
     ra, rb = ref.spectral_init(g, r, gamma=gamma, scale=s)
     np.testing.assert_allclose(a0, ra, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(b0, rb, rtol=1e-10, atol=1e-12)
@@ -72,21 +72,21 @@ def test_spectral_init_multi_axis_and_stacked(x64):
     r = 2
     # qwix einsum kernel G (D, N, H) with in_ndim=1 -> A (D, r), B (r, N, H).
     g = rng.normal(size=(10, 3, 4))
-    a0, b0 = lox.spectral_init(jnp.asarray(g), r, in_ndim=1)
+    a0, b0, _ = lox.spectral_init(jnp.asarray(g), r, in_ndim=1)
     assert a0.shape == (10, r) and b0.shape == (r, 3, 4)
     ra, rb = ref.spectral_init(g.reshape(10, 12), r)
     np.testing.assert_allclose(a0, ra, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(b0).reshape(r, 12), rb, rtol=1e-10, atol=1e-12)
     # (N, H) input axes: G (N, H, D), in_ndim=2 -> A (N, H, r), B (r, D).
     g2 = rng.normal(size=(3, 4, 10))
-    a2, b2 = lox.spectral_init(jnp.asarray(g2), r, in_ndim=2)
+    a2, b2, _ = lox.spectral_init(jnp.asarray(g2), r, in_ndim=2)
     assert a2.shape == (3, 4, r) and b2.shape == (r, 10)
     ra2, rb2 = ref.spectral_init(g2.reshape(12, 10), r)
     np.testing.assert_allclose(np.asarray(a2).reshape(12, r), ra2, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(b2, rb2, rtol=1e-10, atol=1e-12)
     # Stacked layers: every slice has its own SVD and its own σ₁.
     gs = rng.normal(size=(3, 8, 6)) * np.array([1.0, 5.0, 0.1])[:, None, None]
-    as_, bs = lox.spectral_init(jnp.asarray(gs), r, batch_ndim=1, gamma=32.0)
+    as_, bs, _ = lox.spectral_init(jnp.asarray(gs), r, batch_ndim=1, gamma=32.0)
     assert as_.shape == (3, 8, r) and bs.shape == (3, r, 6)
     for i in range(3):
         ra, rb = ref.spectral_init(gs[i], r, gamma=32.0)
@@ -123,8 +123,8 @@ def test_randomized_svd_close_to_full(x64):
     g = _low_rank_plus_noise(rng, (60, 40), 4, 1e-3)
     r = 4
     key = jax.random.key(0)
-    a_f, b_f = lox.spectral_init(jnp.asarray(g), r)
-    a_r, b_r = lox.spectral_init(jnp.asarray(g), r, method="randomized", key=key)
+    a_f, b_f, _ = lox.spectral_init(jnp.asarray(g), r)
+    a_r, b_r, _ = lox.spectral_init(jnp.asarray(g), r, method="randomized", key=key)
     np.testing.assert_allclose(a_r @ b_r, a_f @ b_f, rtol=0, atol=1e-6 * np.abs(a_f @ b_f).max())
     np.testing.assert_allclose(a_r, a_f, atol=1e-5 * np.abs(a_f).max())  # canonical signs
     # Stacked and preserve_output variants too; deterministic for a fixed key.
@@ -132,7 +132,7 @@ def test_randomized_svd_close_to_full(x64):
     out1 = lox.spectral_init(jnp.asarray(gs), r, batch_ndim=1, method="randomized", key=key)
     out2 = lox.spectral_init(jnp.asarray(gs), r, batch_ndim=1, method="randomized", key=key)
     full = lox.spectral_init(jnp.asarray(gs), r, batch_ndim=1)
-    for x, y, z in zip(out1, out2, full):
+    for x, y, z in zip(out1[:2], out2[:2], full[:2]):  # (a, b); base_delta is None
         np.testing.assert_array_equal(x, y)
         np.testing.assert_allclose(x, z, atol=1e-5 * np.abs(z).max())
     _, _, dw_r = lox.spectral_init(
@@ -145,7 +145,7 @@ def test_randomized_svd_close_to_full(x64):
 def test_spectral_init_float32_and_jit():
     rng = np.random.default_rng(4)
     g = jnp.asarray(rng.normal(size=(16, 12)), jnp.bfloat16)
-    a0, b0 = jax.jit(functools.partial(lox.spectral_init, rank=4))(g)
+    a0, b0, _ = jax.jit(functools.partial(lox.spectral_init, rank=4))(g)
     assert a0.dtype == jnp.bfloat16 and b0.dtype == jnp.bfloat16
     want_a, want_b = ref.spectral_init(np.asarray(g, np.float64), 4)
     np.testing.assert_allclose(
@@ -154,7 +154,7 @@ def test_spectral_init_float32_and_jit():
         atol=2e-2 * np.abs(want_a @ want_b).max(),
     )
     # Traced zero gradient: no error possible, result finite (zeros).
-    a0, b0 = jax.jit(functools.partial(lox.spectral_init, rank=2))(jnp.zeros((5, 4)))
+    a0, b0, _ = jax.jit(functools.partial(lox.spectral_init, rank=2))(jnp.zeros((5, 4)))
     assert np.all(np.asarray(a0) == 0) and np.all(np.asarray(b0) == 0)
 
 

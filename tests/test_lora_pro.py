@@ -24,6 +24,7 @@ import lora_optax as lox
 from lora_optax._src import linalg
 from lora_optax._src import lora_pro as lora_pro_lib
 from tests import reference as ref
+from tests.optimizer_cases import find_state
 from tests.problems import (
     A_KEY,
     B_KEY,
@@ -272,7 +273,7 @@ def test_lora_pro_adamw_matches_reference(problem, start, wd):
     def sched(count):
         return 0.01 - 0.001 * count
 
-    tx = lox.lora_pro(sched, b1, b2, eps, wd, delta=delta, pairs=PAIRS)
+    tx = lox.lora_pro_adamw(sched, b1, b2, eps, weight_decay=wd, delta=delta, pairs=PAIRS)
     lib = _library_run(tx, problem, params, STEPS)
 
     def step(a, b, ga, gb, state, t):
@@ -289,9 +290,9 @@ def test_lora_pro_adamw_matches_reference(problem, start, wd):
 
 def test_lora_pro_state_layout(problem):
     params = problem.random_params()
-    tx = lox.lora_pro(1e-2)
+    tx = lox.lora_pro_adamw(1e-2)
     state = tx.init(params)
-    core = state[0]
+    core = find_state(state, lox.ScaleByLoRAProAdamState)
     for name in LAYOUT:
         k = pair_batch(name)
         a_shape, b_shape = LAYOUT[name][0], LAYOUT[name][1]
@@ -306,7 +307,7 @@ def test_full_grads_not_needed_but_accepted():
     rng = np.random.default_rng(0)
     params = {"lora_a": jnp.asarray(rng.normal(size=(6, 2))), "lora_b": jnp.zeros((2, 4))}
     grads = jax.tree.map(jnp.ones_like, params)
-    tx = lox.lora_pro(1e-2)
+    tx = lox.lora_pro_adamw(1e-2)
     state = tx.init(params)
     update = jax.jit(tx.update)
     u1, _ = update(grads, state, params)
@@ -316,8 +317,8 @@ def test_full_grads_not_needed_but_accepted():
 
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="b1"):
-        lox.lora_pro(0.1, b1=1.5)
+        lox.lora_pro_adamw(0.1, b1=1.5)
     with pytest.raises(ValueError, match="delta"):
         lox.lora_pro_sgd(0.1, delta=-1.0)
     with pytest.raises(ValueError, match="weight_decay"):
-        lox.lora_pro(0.1, weight_decay=-1.0)
+        lox.lora_pro_adamw(0.1, weight_decay=-1.0)

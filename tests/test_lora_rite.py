@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import lora_optax as lox
 from tests import reference as ref
+from tests.optimizer_cases import find_state
 from tests.problems import factor_matrices, stack_matrices
 
 # name -> (A shape, B shape, batch_ndim, A key, B key). 2-D, qwix q-style (D, r)/(r, N, H),
@@ -97,8 +98,8 @@ def _ref_to_tree(pairs, like):
 
 
 def _lora_state(state):
-    """The ScaleByLoRARiteState inside a lora_rite chain state."""
-    return state[0]
+    """The ScaleByLoRARiteState inside a lora_rite state."""
+    return find_state(state, lox.ScaleByLoRARiteState)
 
 
 # Optimizer configurations shared by the float64 tests; each is compiled once per module.
@@ -456,8 +457,10 @@ def test_state_layout_and_counters():
     assert fs["o/w_lora_a"]["prev"].shape == (2, 4, 3)
     assert fs["stacked/lora_a"]["v"].shape == (2, 3, 3)
     assert fs["stacked/lora_b"]["rho"].shape == (2,)
-    assert isinstance(state.mu["dense"]["lora_a"], optax.MaskedNode)
-    assert state.nu["bias"].shape == (4,)
+    # lora_rite: leaves outside pairs get optax.adamw, in optax.partition's layout.
+    other = lox.lora_rite(1e-3).init(p).inner_states["other"].inner_state[0]
+    assert isinstance(other.mu["dense"]["lora_a"], optax.MaskedNode)
+    assert other.nu["bias"].shape == (4,)
     # QR route: no r×r R⁺ state.
     qr_state = lox.scale_by_lora_rite(basis="qr").init(p)
     assert all(isinstance(g.rinv, optax.MaskedNode) for g in qr_state.groups)
@@ -529,7 +532,7 @@ def _prop_update(r, k):
         @jax.jit
         def first_step(params, grads):
             updates, state = tx.update(grads, tx.init(params), params)
-            return updates, state[0]
+            return updates, find_state(state, lox.ScaleByLoRARiteState)
 
         _PROP_TX[key] = first_step
     return _PROP_TX[key]

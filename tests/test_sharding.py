@@ -42,7 +42,7 @@ MAIN = ((2, 4), AxisType.Explicit, "fsdp")
 # optimizer on the (4, 2) Explicit and Auto meshes as well.
 OTHER_MESHES = {
     ((8, 1), AxisType.Explicit, "fsdp"): ("scaled_adamw", "solora_sgd", "lora_plus"),
-    ((4, 2), AxisType.Explicit, "layers"): ("lora_pro", "lora_rite", "pilora"),
+    ((4, 2), AxisType.Explicit, "layers"): ("lora_pro_adamw", "lora_rite", "pilora"),
     ((2, 4), AxisType.Auto, "layers"): ("scaled_sgd", "lora_one", "solora_adamw"),
 }
 

@@ -20,6 +20,7 @@ import pytest
 import lora_optax as lox
 from lora_optax._src import solora as solora_lib
 from tests import reference as ref
+from tests.optimizer_cases import find_state
 from tests.problems import (
     A_KEY,
     B_KEY,
@@ -185,14 +186,14 @@ def test_solora_adamw_matches_reference(problem, start, wd):
 
     want = _reference_run(step, ref.solora_adamw_init, bias_step, problem, params, STEPS)
     _compare(lib, want)
-    assert int(state[0].count) == STEPS
+    assert int(find_state(state, lox.ScaleBySoLoRAState).count) == STEPS
 
 
 def test_solora_state_matches_reference(problem):
     """The statistics and the full momentum equal the reference's after a few steps."""
     params = _f64(problem.random_params())
     beta, momentum = 0.9, 0.7
-    tx = lox.scale_by_solora(beta, momentum=momentum, pairs=PAIRS)
+    tx = lox.scale_by_solora(beta=beta, momentum=momentum, pairs=PAIRS)
     state = tx.init(params)
     ref_states = {}
     for _ in range(3):
@@ -456,7 +457,7 @@ def test_init_abstract_and_memory_layout(problem):
         assert jax.tree.structure(shapes) == jax.tree.structure(direct)
         for x, y in zip(jax.tree.leaves(shapes), jax.tree.leaves(direct)):
             assert x.shape == y.shape and x.dtype == y.dtype
-    state = lox.solora_adamw(0.1).init(params)[0]
+    state = find_state(lox.solora_adamw(0.1).init(params), lox.ScaleBySoLoRAState)
     for name in LAYOUT:
         k = pair_batch(name)
         a_shape, b_shape = LAYOUT[name][0], LAYOUT[name][1]
@@ -528,7 +529,7 @@ def test_square_pair_keeps_row_and_column_statistics_apart(x64, momentum):
             )
         np.testing.assert_allclose(params["sq"]["lora_a"], ra, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(params["sq"]["lora_b"], rb, rtol=1e-9, atol=1e-12)
-    stats = state[0].stats["sq"]
+    stats = find_state(state, lox.ScaleBySoLoRAState).stats["sq"]
     np.testing.assert_allclose(stats["lora_a"], ref_state.r_in, rtol=1e-12)
     np.testing.assert_allclose(stats["lora_b"], ref_state.l_out, rtol=1e-12)
     assert not np.allclose(ref_state.r_in, ref_state.l_out, rtol=0.1)

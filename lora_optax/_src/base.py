@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -101,4 +100,3 @@ def learning_rate_at(learning_rate: Any, count: jax.Array) -> Any:
 
 
 ScalarOrSchedule = optax.ScalarOrSchedule
-Schedule = Callable[[jax.Array], jax.Array]

@@ -1,16 +1,20 @@
-"""iLoRA and πLoRA: imbalance-regularised LoRA (Zhu et al.), SPEC §2.3."""
+"""iLoRA and πLoRA: imbalance-regularised LoRA (Zhu, Wu, Gu & Cevher).
+
+Notation: ``A`` is read as an m×r matrix and ``B`` as an r×n matrix (``ΔW = s·A B``);
+``n_out = n`` is ``B``'s flattened output size and ``ρ = r / n_out``.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_optax._src import base, linalg
-from lora_optax._src.pairs import LeafIndex, LoRAPair, PairSpec, resolve_pairs, with_input_checks
-from lora_optax._src.riemannian import pair_params, scaled_adamw
+from lora_optax._src import base, linalg, pairwise
+from lora_optax._src.pairs import LoRAPair, PairSpec, resolve_pairs
 
 # Default regularisation strengths λ (see the docstrings of `ilora` / `pilora`).
 ILORA_STRENGTH = 0.1
@@ -27,14 +31,6 @@ class ImbalanceRegularizationState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
-def imbalance_ratio(pair: LoRAPair, b_shape: tuple[int, ...]) -> float:
-    """``ρ = r / n_out`` of a pair, ``n_out`` the flattened output size of ``B``."""
-    n_out = 1
-    for d in b_shape[pair.batch_ndim + 1 :]:
-        n_out *= int(d)
-    return pair.rank / n_out
-
-
 def _inf_norm(m: jax.Array) -> jax.Array:
     """``max_i Σ_j |m_ij|`` of batched square matrices, an upper bound of the spectral
     norm of a symmetric matrix (at most √r times too large), kept as ``(*batch, 1, 1)``."""
@@ -42,64 +38,70 @@ def _inf_norm(m: jax.Array) -> jax.Array:
 
 
 def imbalance_step(
-    pair: LoRAPair, a_star: Any, b_star: Any, step: Any, *, safeguard: float | None = None
+    a_m: jax.Array, b_m: jax.Array, step: Any, *, safeguard: float | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """The decoupled imbalance step of one pair, as increments of ``A*`` and ``B*``.
+    """The decoupled imbalance step of matrix views ``A* (*batch, m, r)``,
+    ``B* (*batch, r, n)``, as increments of ``A*`` and ``B*``.
 
-    With ``D = A*ᵀA* − ρ B*B*ᵀ`` (r×r, ``ρ = r / n_out``) and ``c = η λ`` (``step``),
-    returns ``(−c A* D, c ρ D B*)`` in the factors' shapes and in float32 or wider,
-    so that ``A* − c A* D`` and ``B* − c ρ (ρ B*B*ᵀ − A*ᵀA*) B*`` are the
-    regularised factors. With ``safeguard = τ``, ``c`` is replaced by ``min(c, τ/ν)``
-    (see :func:`add_imbalance_regularization`).
+    With ``D = A*ᵀA* − ρ B*B*ᵀ`` (r×r, ``ρ = r / n``) and ``c = η λ`` (``step``),
+    returns ``(−c A* D, c ρ D B*)`` in float32 or wider, so that ``A* − c A* D`` and
+    ``B* − c ρ (ρ B*B*ᵀ − A*ᵀA*) B*`` are the regularised factors. With
+    ``safeguard = τ``, ``c`` is replaced by ``min(c, τ/ν)`` (see
+    :func:`add_imbalance_regularization`).
     """
-    a_m, b_m = linalg.a_matrix(pair, a_star), linalg.b_matrix(pair, b_star)
     ct = linalg.compute_dtype(jnp.result_type(a_m, b_m))
     a_m, b_m = a_m.astype(ct), b_m.astype(ct)
-    rho = imbalance_ratio(pair, b_star.shape)
+    rho = a_m.shape[-1] / b_m.shape[-1]
     c = jnp.asarray(step, ct)
     if safeguard is None:
         d = linalg.gram_cols(a_m) - jnp.asarray(rho, ct) * linalg.gram_rows(b_m)
-        delta_a = -c * jnp.matmul(a_m, d)
-        delta_b = (c * rho) * jnp.matmul(d, b_m)
-    else:
-        # Work on the factors divided by 2^e, 2^e ~ their largest entry (per matrix):
-        # a power-of-two scaling is exact in binary floating point, so every product
-        # below is the unscaled one times a power of two (the same step, bit for bit,
-        # while the safeguard is inactive), and D ~ |A|² and A·D ~ |A|³ cannot
-        # overflow, however large the factors.
-        big = jnp.maximum(
-            jnp.max(jnp.abs(a_m), axis=(-2, -1), keepdims=True),
-            jnp.max(jnp.abs(b_m), axis=(-2, -1), keepdims=True),
-        )
-        info = jnp.finfo(ct)
-        e = jnp.clip(jnp.frexp(big)[1], 3 - int(info.maxexp), int(info.maxexp) - 3)
-        one = jnp.ones((), ct)
-        pow_e, pow_neg_e = jnp.ldexp(one, e), jnp.ldexp(one, -e)  # exact: |e| < maxexp - 2
-        a_s, b_s = a_m * pow_neg_e, b_m * pow_neg_e
-        d = linalg.gram_cols(a_s) - jnp.asarray(rho, ct) * linalg.gram_rows(b_s)  # D/2^{2e}
-        nu = max(1.0, rho) * _inf_norm(d)  # ν / 2^{2e}, ν ≥ max(1, ρ)‖D‖₂
-        c_s = c * pow_e * pow_e  # c·2^{2e}; inf if it overflows
-        tau = jnp.asarray(safeguard, ct)
-        coef = jnp.where(c_s * nu <= tau, c_s, tau / jnp.where(nu > 0, nu, 1))
-        # One scalar factor per product (c·2^{3e} while inactive), as in the plain
-        # formula, so that XLA contracts it with the caller's addition the same way;
-        # D = 0 (no step) must not meet an overflowed c·2^{3e}.
-        coef = jnp.where(nu > 0, coef * pow_e, 0)
-        delta_a = -coef * jnp.matmul(a_s, d)
-        delta_b = (coef * rho) * jnp.matmul(d, b_s)
-    return (
-        linalg.from_matrix(delta_a, a_star.shape, pair),
-        linalg.from_matrix(delta_b, b_star.shape, pair),
+        return -c * jnp.matmul(a_m, d), (c * rho) * jnp.matmul(d, b_m)
+    # Work on the factors divided by 2^e, 2^e ~ their largest entry (per matrix):
+    # a power-of-two scaling is exact in binary floating point, so every product
+    # below is the unscaled one times a power of two (the same step, bit for bit,
+    # while the safeguard is inactive), and D ~ |A|² and A·D ~ |A|³ cannot
+    # overflow, however large the factors.
+    big = jnp.maximum(
+        jnp.max(jnp.abs(a_m), axis=(-2, -1), keepdims=True),
+        jnp.max(jnp.abs(b_m), axis=(-2, -1), keepdims=True),
     )
+    info = jnp.finfo(ct)
+    e = jnp.clip(jnp.frexp(big)[1], 3 - int(info.maxexp), int(info.maxexp) - 3)
+    one = jnp.ones((), ct)
+    pow_e, pow_neg_e = jnp.ldexp(one, e), jnp.ldexp(one, -e)  # exact: |e| < maxexp - 2
+    a_s, b_s = a_m * pow_neg_e, b_m * pow_neg_e
+    d = linalg.gram_cols(a_s) - jnp.asarray(rho, ct) * linalg.gram_rows(b_s)  # D/2^{2e}
+    nu = max(1.0, rho) * _inf_norm(d)  # ν / 2^{2e}, ν ≥ max(1, ρ)‖D‖₂
+    c_s = c * pow_e * pow_e  # c·2^{2e}; inf if it overflows
+    tau = jnp.asarray(safeguard, ct)
+    coef = jnp.where(c_s * nu <= tau, c_s, tau / jnp.where(nu > 0, nu, 1))
+    # One scalar factor per product (c·2^{3e} while inactive), as in the plain
+    # formula, so that XLA contracts it with the caller's addition the same way;
+    # D = 0 (no step) must not meet an overflowed c·2^{3e}.
+    coef = jnp.where(nu > 0, coef * pow_e, 0)
+    return -coef * jnp.matmul(a_s, d), (coef * rho) * jnp.matmul(d, b_s)
+
+
+def _regularized(
+    pair: LoRAPair, m: linalg.PairMatrices, *, step: Any, safeguard: float | None
+) -> tuple[jax.Array, jax.Array]:
+    """``u + Δ(p + u)`` for one pair: the base step ``u`` plus the imbalance step taken
+    at the post-base-step factors ``A* = A + u_A``, ``B* = B + u_B``."""
+    del pair
+    assert m.a is not None and m.b is not None
+    ct = linalg.compute_dtype(jnp.result_type(m.g_a, m.g_b, m.a, m.b))
+    u_a, u_b = m.g_a.astype(ct), m.g_b.astype(ct)
+    d_a, d_b = imbalance_step(m.a.astype(ct) + u_a, m.b.astype(ct) + u_b, step, safeguard=safeguard)
+    return u_a + d_a, u_b + d_b
 
 
 def add_imbalance_regularization(
-    strength: float,
     learning_rate: base.ScalarOrSchedule,
     *,
+    strength: float,
     safeguard: float | None = SAFEGUARD,
     pairs: PairSpec = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Adds iLoRA's decoupled imbalance-regularisation step to a finished update.
 
     Place it LAST in a chain, after the base optimizer INCLUDING its learning rate
@@ -155,21 +157,21 @@ def add_imbalance_regularization(
     axes; multi-axis factors are flattened to their matrix views.
 
     Args:
-      strength: the regularisation strength ``λ`` (non-negative).
       learning_rate: the base optimizer's learning rate (float or optax schedule);
         it must be the same one, so that the regularisation decays with it.
+      strength: the regularisation strength ``λ`` (non-negative).
       safeguard: the bound ``τ > 0`` on ``ηλν`` (see above), or ``None`` for the
         paper's explicit step unconditionally.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
-      An :class:`optax.GradientTransformation` whose ``update`` needs ``params``.
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs ``params``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lora_optax
       >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 4))}
       >>> tx = optax.chain(optax.sgd(0.1),
-      ...                  lora_optax.add_imbalance_regularization(0.1, 0.1))
+      ...                  lora_optax.add_imbalance_regularization(0.1, strength=0.1))
       >>> state = tx.init(params)
       >>> grads = jax.tree.map(jnp.zeros_like, params)
       >>> updates, state = tx.update(grads, state, params)
@@ -179,8 +181,8 @@ def add_imbalance_regularization(
       0.88
 
     References:
-      Zhu et al., *Imbalance-Regularized LoRA: A Plug-and-Play Method for Improving
-      Fine-Tuning of Foundation Models*, Alg. 1–3, eqs. (4)–(5).
+      Zhu, Wu, Gu & Cevher, *Imbalance-Regularized LoRA: A Plug-and-Play Method for
+      Improving Fine-Tuning of Foundation Models*, Alg. 1–3, eqs. (4)–(5).
     """
     base.check_non_negative(strength, "strength")
     base.check_learning_rate(learning_rate)
@@ -192,47 +194,41 @@ def add_imbalance_regularization(
         resolve_pairs(pairs, params, what=what)
         return ImbalanceRegularizationState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
-        resolved = resolve_pairs(pairs, updates, what=what)
-        p = pair_params(resolved, params, what, updates=updates)
-        u = LeafIndex(updates)
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        inputs = pairwise.resolve_update(pairs, updates, params, what)
         lr = base.learning_rate_at(learning_rate, state.count)
         step = jnp.asarray(lr) * jnp.asarray(strength)
-        new = {}
-        for pair in resolved:
-            u_a, u_b = u[pair.a_path], u[pair.b_path]
-            ct = linalg.compute_dtype(jnp.result_type(u_a, u_b, p[pair.a_path], p[pair.b_path]))
-            u_a_c, u_b_c = u_a.astype(ct), u_b.astype(ct)
-            a_star = p[pair.a_path].astype(ct) + u_a_c
-            b_star = p[pair.b_path].astype(ct) + u_b_c
-            d_a, d_b = imbalance_step(pair, a_star, b_star, step, safeguard=safeguard)
-            new[pair.a_path] = (u_a_c + d_a).astype(u_a.dtype)
-            new[pair.b_path] = (u_b_c + d_b).astype(u_b.dtype)
-        return u.replace(new), ImbalanceRegularizationState(count=optax.safe_increment(state.count))
+        fn = functools.partial(_regularized, step=step, safeguard=safeguard)
+        new = pairwise.map_pairs(fn, inputs)
+        return inputs.updates.replace(new), ImbalanceRegularizationState(
+            count=optax.safe_increment(state.count)
+        )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def ilora(
     learning_rate: base.ScalarOrSchedule,
-    *,
-    strength: float = ILORA_STRENGTH,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    eps_root: float = 0.0,
     mu_dtype: Any = None,
+    weight_decay: float = 1e-4,
     mask: Any = None,
+    *,
+    strength: float = ILORA_STRENGTH,
     safeguard: float | None = SAFEGUARD,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""iLoRA: AdamW followed by the decoupled imbalance regularisation (SPEC §2.3).
+    r"""iLoRA: AdamW followed by the decoupled imbalance regularisation.
 
     Each step is exactly :func:`optax.adamw` (bias-corrected moments, decoupled
     weight decay), giving ``(A*, B*)``, then
     ``A ← A* − ηλ A*(A*ᵀA* − ρB*B*ᵀ)``, ``B ← B* − ηλρ(ρB*B*ᵀ − A*ᵀA*)B*`` with
     ``ρ = r / n_out`` (see :func:`add_imbalance_regularization`). Leaves outside any
-    pair get plain AdamW.
+    pair get the base optimizer, the same :func:`optax.adamw`.
 
     Default strength ``λ = 0.1``: the paper tunes ``λ`` per task over
     ``{1e-3, …, 1e2}`` (Mistral-7B GLUE, Table 5: iLoRA values 0.01 … 100; GPT-2 E2E,
@@ -243,72 +239,61 @@ def ilora(
 
     Args:
       learning_rate: a float or an optax schedule (also scales the regularisation).
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`
+        (the paper's experiments use weight_decay 0.01).
       strength: the regularisation strength ``λ``.
-      b1, b2, eps: Adam's decay rates and denominator epsilon.
-      weight_decay: decoupled weight decay (paper experiments: 0.01).
-      mu_dtype: dtype of Adam's first moment.
-      mask: weight-decay mask, as in :func:`optax.adamw`.
       safeguard: bound on the imbalance step for huge factors (inactive in the
         normal regime; ``None``: the paper's step unconditionally), see
         :func:`add_imbalance_regularization`.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
-      An :class:`optax.GradientTransformation`; ``update`` needs ``params``.
+      An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``params``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
-      >>> tx = lora_optax.ilora(1e-3, strength=0.1)
-      >>> state = tx.init(params)
+      >>> import jax, jax.numpy as jnp, optax, lora_optax
+      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 8))}
       >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> tx, adamw = lora_optax.ilora(1e-3, strength=0.0), optax.adamw(1e-3)
+      >>> u, _ = tx.update(grads, tx.init(params), params)  # λ = 0: exactly AdamW
+      >>> v, _ = adamw.update(grads, adamw.init(params), params)
+      >>> bool(jnp.array_equal(u["lora_a"], v["lora_a"]))
+      True
 
     References:
-      Zhu et al., *Imbalance-Regularized LoRA*, Alg. 1/2.
+      Zhu, Wu, Gu & Cevher, *Imbalance-Regularized LoRA: A Plug-and-Play Method for
+      Improving Fine-Tuning of Foundation Models*, Alg. 1/2.
     """
-    base.check_learning_rate(learning_rate)
-    base.check_betas(b1=b1, b2=b2)
-    base.check_non_negative(eps, "eps")
-    base.check_non_negative(weight_decay, "weight_decay")
-    return with_input_checks(
-        optax.chain(
-            optax.adamw(
-                learning_rate,
-                b1=b1,
-                b2=b2,
-                eps=eps,
-                weight_decay=weight_decay,
-                mu_dtype=mu_dtype,
-                mask=mask,
-            ),
-            add_imbalance_regularization(strength, learning_rate, safeguard=safeguard, pairs=pairs),
-        ),
-        "ilora",
+    adamw = pairwise.adamw_base(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask)
+    regularize = add_imbalance_regularization(
+        learning_rate, strength=strength, safeguard=safeguard, pairs=pairs
     )
+    return pairwise.lora_optimizer(optax.chain(adamw, regularize), adamw, pairs=pairs, what="ilora")
 
 
 def pilora(
     learning_rate: base.ScalarOrSchedule,
-    *,
-    strength: float = PILORA_STRENGTH,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    delta: float = 1e-6,
+    eps_root: float = 0.0,
     mu_dtype: Any = None,
+    weight_decay: float = 1e-4,
     mask: Any = None,
+    *,
+    strength: float = PILORA_STRENGTH,
+    delta: float = 1e-6,
     safeguard: float | None = SAFEGUARD,
     pairs: PairSpec = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""πLoRA: scaled AdamW followed by the decoupled imbalance regularisation.
 
-    Each step is :func:`lora_optax.scaled_adamw` (raw gradients preconditioned with
-    the PRE-step factors, ``g̃_A = g_A(BBᵀ + δI)⁻¹``, ``g̃_B = (AᵀA + δI)⁻¹g_B``, then
-    AdamW), giving ``(A*, B*)``, then the step of
-    :func:`add_imbalance_regularization` on ``(A*, B*)`` (SPEC §2.3, paper Alg. 3).
-    Leaves outside any pair get plain AdamW.
+    Each step is scaled AdamW (raw gradients preconditioned with the PRE-step
+    factors, ``g̃_A = g_A(BBᵀ + δI)⁻¹``, ``g̃_B = (AᵀA + δI)⁻¹g_B``, then
+    :func:`optax.adamw`; see :func:`lora_optax.scaled_adamw`), giving ``(A*, B*)``,
+    then the step of :func:`add_imbalance_regularization` on ``(A*, B*)`` (paper
+    Alg. 3). Leaves outside any pair get the base optimizer, the same
+    :func:`optax.adamw`.
 
     Default strength ``λ = 1``: the paper's GPT-2 E2E setting for πLoRA (Table 3),
     and the geometric mean of its per-task Mistral-7B GLUE values (Table 5: 0.01,
@@ -317,43 +302,37 @@ def pilora(
 
     Args:
       learning_rate: a float or an optax schedule (also scales the regularisation).
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`.
       strength: the regularisation strength ``λ``.
-      b1, b2, eps: Adam's decay rates and denominator epsilon.
-      weight_decay: decoupled weight decay.
       delta: damping ``δ`` of the r×r Gram matrices of the preconditioner.
-      mu_dtype: dtype of Adam's first moment.
-      mask: weight-decay mask, as in :func:`optax.adamw`.
       safeguard: bound on the imbalance step for huge factors (inactive in the
         normal regime; ``None``: the paper's step unconditionally), see
         :func:`add_imbalance_regularization`.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
-      An :class:`optax.GradientTransformation`; ``update`` needs ``params``.
+      An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``params``.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 8))}
-      >>> tx = lora_optax.pilora(1e-3)
-      >>> state = tx.init(params)
-      >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> params = {"lora_a": 2.0 * jnp.ones((8, 2)), "lora_b": jnp.ones((2, 8))}
+      >>> no_grad = jax.tree.map(jnp.zeros_like, params)
+      >>> tx = lora_optax.pilora(1e-2, weight_decay=0.0)
+      >>> updates, _ = tx.update(no_grad, tx.init(params), params)
+      >>> bool(jnp.all(updates["lora_a"] < 0))  # AᵀA > ρBBᵀ: the step shrinks A
+      True
 
     References:
-      Zhu et al., *Imbalance-Regularized LoRA*, Alg. 3 (πLoRA); Zhang & Pilanci,
-      ICML 2024 (scaled AdamW).
+      Zhu, Wu, Gu & Cevher, *Imbalance-Regularized LoRA: A Plug-and-Play Method for
+      Improving Fine-Tuning of Foundation Models*, Alg. 3 (πLoRA); Zhang & Pilanci,
+      *Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models*, ICML 2024,
+      https://arxiv.org/abs/2402.02347 (scaled AdamW).
     """
-    return optax.chain(
-        scaled_adamw(
-            learning_rate,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            weight_decay=weight_decay,
-            delta=delta,
-            mu_dtype=mu_dtype,
-            mask=mask,
-            pairs=pairs,
-        ),
-        add_imbalance_regularization(strength, learning_rate, safeguard=safeguard, pairs=pairs),
+    adamw = pairwise.adamw_base(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask)
+    precondition = pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="pilora")
+    regularize = add_imbalance_regularization(
+        learning_rate, strength=strength, safeguard=safeguard, pairs=pairs
+    )
+    return pairwise.lora_optimizer(
+        optax.chain(precondition, adamw, regularize), adamw, pairs=pairs, what="pilora"
     )

@@ -2,7 +2,7 @@
 
 Factors are viewed as batched matrices: ``A (*batch, *in, r) -> (*batch, m, r)`` and
 ``B (*batch, r, *out) -> (*batch, r, n)``. All r×r algebra runs in float32 or wider,
-whatever the parameter dtype (SPEC §2), and never forms an explicit inverse of a
+whatever the parameter dtype, and never forms an explicit inverse of a
 possibly singular matrix: B = 0 at initialisation is the normal case.
 
 Contractions over the long (m or n) axes are written so that they also run on
@@ -14,13 +14,26 @@ only the sharding of the batch axes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from lora_optax._src.pairs import LoRAPair
+
+
+class PairMatrices(NamedTuple):
+    """The matrix views of one pair's gradients and factors (or of a stacked group).
+
+    ``g_a``, ``a``: ``(*batch, m, r)``; ``g_b``, ``b``: ``(*batch, r, n)``; ``a`` and
+    ``b`` are ``None`` for transformations that do not read the params.
+    """
+
+    g_a: jax.Array
+    g_b: jax.Array
+    a: jax.Array | None
+    b: jax.Array | None
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -91,26 +104,21 @@ def _mt(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -1, -2)
 
 
+def _rr_contraction(subscripts: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """An r×r ``einsum`` over the long axis in float32+, replicated but for the batch axes."""
+    ct = compute_dtype(jnp.result_type(x, y))
+    out = _rr_out_sharding(x, x.ndim - 2)
+    return jnp.einsum(subscripts, x.astype(ct), y.astype(ct), out_sharding=out)
+
+
 def cross_gram_cols(x: jax.Array, y: jax.Array) -> jax.Array:
     """``Xᵀ Y`` for batched ``(*batch, m, r)`` matrices, contracting the long axis."""
-    ct = compute_dtype(jnp.result_type(x, y))
-    return jnp.einsum(
-        "...mi,...mj->...ij",
-        x.astype(ct),
-        y.astype(ct),
-        out_sharding=_rr_out_sharding(x, x.ndim - 2),
-    )
+    return _rr_contraction("...mi,...mj->...ij", x, y)
 
 
 def cross_gram_rows(x: jax.Array, y: jax.Array) -> jax.Array:
     """``X Yᵀ`` for batched ``(*batch, r, n)`` matrices, contracting the long axis."""
-    ct = compute_dtype(jnp.result_type(x, y))
-    return jnp.einsum(
-        "...in,...jn->...ij",
-        x.astype(ct),
-        y.astype(ct),
-        out_sharding=_rr_out_sharding(x, x.ndim - 2),
-    )
+    return _rr_contraction("...in,...jn->...ij", x, y)
 
 
 def gram_cols(x: jax.Array) -> jax.Array:
@@ -234,19 +242,19 @@ def solve_left_spd(m: jax.Array, g: jax.Array, delta: Any) -> jax.Array:
     return _mt(solve_right_spd(_mt(g), m, delta))
 
 
-def inv_sqrt_psd(m: jax.Array, *, eps: Any = 0.0, shift: Any = 0.0) -> jax.Array:
-    """``U diag(1 / (sqrt(λ + shift) + eps)) Uᵀ`` of a symmetric PSD ``M`` (eigh).
+def riemannian_precondition(m: PairMatrices, delta: Any) -> tuple[jax.Array, jax.Array]:
+    """``(g_A (B Bᵀ + δI)⁻¹, (AᵀA + δI)⁻¹ g_B)`` on matrix views, in float32+.
 
-    Eigenvalues that round below zero are clamped to zero before the square root;
-    with ``eps = 0`` a zero eigenvalue gives an infinite entry, which callers that
-    need finiteness must guard (LoRA-RITE zeroes non-finite entries, as its
-    reference code does).
+    ``δ`` is raised by the relative floor ``r·ε·tr(K)`` of :func:`safe_damping` (``r``
+    the rank): a fixed ``δ`` far below the float32 resolution of an ill-conditioned
+    Gram matrix would let its Cholesky factorisation fail (NaN).
     """
-    ct = compute_dtype(m.dtype)
-    lam, u = eigh(symmetrize(m.astype(ct)))
-    lam = jnp.maximum(lam + jnp.asarray(shift, ct), 0.0)
-    d = 1.0 / (jnp.sqrt(lam) + jnp.asarray(eps, ct))
-    return jnp.einsum("...ij,...j,...kj->...ik", u, d, u)
+    assert m.a is not None and m.b is not None, "the preconditioner reads the params"
+    k_b, k_a = gram_rows(m.b), gram_cols(m.a)
+    rel = float(m.g_a.shape[-1])  # Cholesky's backward error grows with the matrix size
+    new_g_a = solve_right_spd(m.g_a, k_b, safe_damping(k_b, delta, rel=rel))
+    new_g_b = solve_left_spd(k_a, m.g_b, safe_damping(k_a, delta, rel=rel))
+    return new_g_a, new_g_b
 
 
 def solve_sylvester_sym(p: jax.Array, q: jax.Array, c: jax.Array) -> jax.Array:
@@ -406,47 +414,10 @@ def safe_damping(m: jax.Array, delta: Any, *, rel: float = 1.0) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------
-# Batching many pairs: grouping same-shape pairs, stacking along one leading axis, and the
-# r×r numerics of LoRA-RITE (pseudo-inverse square roots, unclamped inverse roots).
+# Batching many pairs: stacking along one leading axis (the groups of
+# lora_optax._src.pairwise), and the r×r numerics of LoRA-RITE (pseudo-inverse square
+# roots, unclamped inverse roots).
 # ---------------------------------------------------------------------------------------
-
-
-def group_pairs(pairs: Any, tree: Any) -> tuple[tuple[LoRAPair, ...], ...]:
-    """Groups pairs whose factors agree in shape, dtype, sharding and geometry.
-
-    Pairs of one group can be stacked along a new leading axis and processed as one
-    batched pair (:func:`stack_leading`), so a model with many identical layers
-    compiles to one batched computation per distinct layer shape rather than one per
-    layer. Order is kept (groups in order of first appearance, pairs in input order).
-
-    Args:
-      pairs: the :class:`LoRAPair` s.
-      tree: the tree holding the factors (or a :class:`~lora_optax.LeafIndex` of it).
-
-    Returns:
-      A tuple of groups, each a tuple of pairs.
-    """
-    from lora_optax._src.pairs import LeafIndex
-
-    index = tree if isinstance(tree, LeafIndex) else LeafIndex(tree)
-    groups: dict[Any, list[LoRAPair]] = {}
-    for p in pairs:
-        a, b = index[p.a_path], index[p.b_path]
-        key = (
-            tuple(a.shape),
-            tuple(b.shape),
-            str(a.dtype),
-            str(b.dtype),
-            sharding_spec(a),
-            sharding_spec(b),
-            p.rank,
-            p.batch_ndim,
-            p.in_ndim,
-            p.out_ndim,
-            p.scale,
-        )
-        groups.setdefault(key, []).append(p)
-    return tuple(tuple(g) for g in groups.values())
 
 
 def replicate(x: jax.Array) -> jax.Array:
@@ -508,8 +479,8 @@ def inv_root_eps_outside(m: jax.Array, eps: Any, shift: Any = 0.0) -> jax.Array:
     """``U diag(1 / (√(λ + shift) + ε)) Uᵀ`` of a symmetric ``M``, WITHOUT clamping λ.
 
     The LoRA-RITE reference behaviour: an eigenvalue that rounds below ``-shift``
-    gives NaN (callers zero non-finite results), unlike :func:`inv_sqrt_psd`, which
-    clamps. ``shift`` broadcasts against the eigenvalues ``(*batch, r)``.
+    gives NaN (callers zero non-finite results); no clamp. ``shift`` broadcasts
+    against the eigenvalues ``(*batch, r)``.
     """
     ct = compute_dtype(m.dtype)
     lam, u = eigh(symmetrize(m.astype(ct)))

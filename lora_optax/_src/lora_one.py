@@ -1,16 +1,21 @@
-"""LoRA-One (Zhang, Liu & Chen): spectral initialisation + preconditioned AdamW, SPEC §2.4."""
+"""LoRA-One (Zhang, Liu & Chen): spectral initialisation + preconditioned AdamW.
+
+Notation: ``A`` is read as an m×r matrix and ``B`` as an r×n matrix (``ΔW = s·A B``,
+``s`` the LoRA scale); ``G = ∂L/∂W`` is the full-weight gradient of the frozen base
+weight (``in × out``, i.e. m×n), ``G_r`` its best rank-r approximation.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_optax._src import base, linalg
+from lora_optax._src import base, linalg, pairwise
 from lora_optax._src.pairs import (
     LeafIndex,
     PairSpec,
@@ -18,11 +23,25 @@ from lora_optax._src.pairs import (
     path_str,
     resolve_pairs,
 )
-from lora_optax._src.riemannian import scale_by_riemannian_preconditioner
 
 # Reference-code LoRA alpha; the default scale of `spectral_init` is ALPHA / sqrt(r).
 REFERENCE_ALPHA = 16.0
 _METHODS = ("full", "randomized")
+
+
+class SpectralInit(NamedTuple):
+    """What :func:`spectral_init` returns.
+
+    Attributes:
+      a: ``A₀`` of shape ``(*batch, *in_axes, r)``.
+      b: ``B₀`` of shape ``(*batch, r, *out_axes)``.
+      base_delta: with ``preserve_output=True``, ``ΔW₀ = −s·A₀B₀`` in the full
+        gradient's shape and dtype (add it to the frozen base weight); else ``None``.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    base_delta: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,7 +187,7 @@ def spectral_init(
     oversample: int = 10,
     power_iters: int = 2,
     dtype: Any = None,
-) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
+) -> SpectralInit:
     r"""LoRA-One's spectral initialisation of one LoRA pair from its full gradient.
 
     ``G = ∇_W L(W₀)`` is the gradient of the loss with respect to the frozen base
@@ -176,7 +195,7 @@ def spectral_init(
     ideally averaged over a few batches (the reference code uses 8 micro-batches).
     With the SVD ``−G = U S Vᵀ`` and ``σ₁ = S₁₁``:
 
-    * ``preserve_output=False`` (default; the authors' code, SPEC §2.4):
+    * ``preserve_output=False`` (default; the authors' code):
 
       .. math::
 
@@ -186,12 +205,12 @@ def spectral_init(
       so ``s·A₀B₀ = −(s/(σ₁γ))·G_r`` (``G_r`` the best rank-r approximation of
       ``G``): the adapter starts at one normalised gradient step of full fine-tuning,
       and the base weight is NOT modified (the model output changes at
-      initialisation by design). ``scale`` does not enter ``A₀``, ``B₀``.
-      Returns ``(A₀, B₀)``.
+      initialisation by design). ``scale`` does not enter ``A₀``, ``B₀``;
+      ``base_delta`` is ``None``.
     * ``preserve_output=True`` (the talk slides' Algorithm 1, LoRA-GA style):
       ``A₀ = √γ U_r``, ``B₀ = √γ V_rᵀ`` (same SVD of ``−G``) and the base weight must
-      become ``W ← W − s·A₀B₀``. Returns ``(A₀, B₀, ΔW₀)`` with
-      ``ΔW₀ = −s·A₀B₀`` in ``full_grad``'s shape and dtype: the correction to ADD to
+      become ``W ← W − s·A₀B₀``. ``base_delta`` is ``ΔW₀ = −s·A₀B₀`` in
+      ``full_grad``'s shape and dtype: the correction to ADD to
       the frozen base weight, so that ``W + ΔW₀ + s·A₀B₀ = W`` (the model output is
       unchanged). The slides take the SVD of ``+G``, which gives the same ``U_r`` and
       ``−V_r``; call ``spectral_init(-G, ...)`` for that literal variant (the
@@ -229,8 +248,9 @@ def spectral_init(
       dtype: dtype of the results (default: ``full_grad``'s dtype).
 
     Returns:
-      ``(A₀, B₀)``, or ``(A₀, B₀, ΔW₀)`` with ``preserve_output=True``; ``A₀`` has
-      shape ``(*batch, *in_axes, r)``, ``B₀`` ``(*batch, r, *out_axes)``.
+      A :class:`SpectralInit` ``(a, b, base_delta)``: ``A₀`` of shape
+      ``(*batch, *in_axes, r)``, ``B₀`` of shape ``(*batch, r, *out_axes)`` and, with
+      ``preserve_output=True``, ``ΔW₀`` (else ``None``).
 
     Raises:
       ValueError: for a rank outside ``[1, min(m, n)]``, bad axis counts, an
@@ -240,13 +260,14 @@ def spectral_init(
     Example:
       >>> import jax.numpy as jnp, lora_optax
       >>> g = jnp.arange(12.0).reshape(4, 3) - 5.0
-      >>> a0, b0 = lora_optax.spectral_init(g, 2, gamma=64.0)
-      >>> a0.shape, b0.shape
-      ((4, 2), (2, 3))
+      >>> init = lora_optax.spectral_init(g, 2, gamma=64.0)
+      >>> init.a.shape, init.b.shape, init.base_delta
+      ((4, 2), (2, 3), None)
 
     References:
       Zhang, Liu & Chen, *LoRA-One: One-Step Full Gradient Could Suffice for
       Fine-Tuning Large Language Models, Provably and Efficiently*, ICML 2025.
+      https://arxiv.org/abs/2502.01235
     """
     _check_common(gamma, method, key)
     full_grad = jnp.asarray(full_grad)
@@ -276,11 +297,11 @@ def spectral_init(
     a_out = a0.reshape(shape[:k] + in_shape + (rank,)).astype(out_dtype)
     b_out = b0.reshape(shape[:k] + (rank,) + out_shape).astype(out_dtype)
     if not preserve_output:
-        return a_out, b_out
+        return SpectralInit(a_out, b_out)
     if scale is None:
         scale = REFERENCE_ALPHA / math.sqrt(rank)
     dw = (-jnp.asarray(scale, a0.dtype) * (a0 @ b0)).reshape(shape).astype(full_grad.dtype)
-    return a_out, b_out, dw
+    return SpectralInit(a_out, b_out, dw)
 
 
 def spectral_init_pairs(
@@ -348,7 +369,9 @@ def spectral_init_pairs(
       True
 
     References:
-      Zhang, Liu & Chen, *LoRA-One*, ICML 2025 (spectral initialisation, Alg. 1).
+      Zhang, Liu & Chen, *LoRA-One: One-Step Full Gradient Could Suffice for
+      Fine-Tuning Large Language Models, Provably and Efficiently*, ICML 2025
+      (spectral initialisation, Alg. 1). https://arxiv.org/abs/2502.01235
     """
     _check_common(gamma, method, key)
     what = "spectral_init_pairs"
@@ -401,19 +424,27 @@ def scale_by_adam_uncorrected(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    eps_root: float = 0.0,
     mu_dtype: Any = None,
-) -> optax.GradientTransformation:
-    r"""Adam's scaling WITHOUT bias correction: ``μ / (√ν + ε)``.
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam's scaling WITHOUT bias correction: ``μ / (√(ν + ε_root) + ε)``.
 
-    ``μ ← b1 μ + (1−b1) g``, ``ν ← b2 ν + (1−b2) g²``, update ``μ / (√ν + ε)``
-    (LoRA-One's reference code). The state is :class:`optax.ScaleByAdamState`, as for
-    :func:`optax.scale_by_adam`, so tools that read ``mu``/``nu`` keep working.
-    Compared with bias-corrected Adam the update is multiplied by
-    ``(1 − b1ᵗ)/√(1 − b2ᵗ)`` at step ``t``: with (0.9, 0.999) about 3.2× at t = 1,
-    6.5× at t = 10, 3.2× at t = 100, 1.26× at t = 1000, → 1 later.
+    ``μ ← b1 μ + (1−b1) g``, ``ν ← b2 ν + (1−b2) g²``, update
+    ``μ / (√(ν + eps_root) + eps)`` (LoRA-One's reference code, with ``eps_root = 0``).
+    The state is :class:`optax.ScaleByAdamState`, as for :func:`optax.scale_by_adam`,
+    so tools that read ``mu``/``nu`` keep working. Compared with bias-corrected Adam
+    the update is multiplied by ``(1 − b1ᵗ)/√(1 − b2ᵗ)`` at step ``t``: with
+    (0.9, 0.999) about 3.2× at t = 1, 6.5× at t = 10, 3.2× at t = 100, 1.26× at
+    t = 1000, → 1 later.
+
+    Args:
+      b1, b2, eps, eps_root: as in :func:`optax.scale_by_adam`.
+      mu_dtype: dtype of the first moment (default: the parameter dtype).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` (needs no ``params``).
     """
-    base.check_betas(b1=b1, b2=b2)
-    base.check_non_negative(eps, "eps")
+    pairwise.check_adamw_hyperparams(None, b1, b2, eps, eps_root)
 
     def init_fn(params):
         return optax.ScaleByAdamState(
@@ -422,12 +453,12 @@ def scale_by_adam_uncorrected(
             nu=optax.tree.zeros_like(params),
         )
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         out = jax.tree.map(
-            lambda m, v: None if m is None else m / (jnp.sqrt(v) + eps),
+            lambda m, v: None if m is None else m / (jnp.sqrt(v + eps_root) + eps),
             mu,
             nu,
             is_leaf=lambda x: x is None,
@@ -438,7 +469,7 @@ def scale_by_adam_uncorrected(
             nu=optax.tree.cast_like(nu, state.nu),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def lora_one(
@@ -446,15 +477,16 @@ def lora_one(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
     weight_decay: float = 0.0,
+    mask: Any = None,
     *,
     delta: float = 1e-6,
     bias_correction: bool = False,
-    mu_dtype: Any = None,
-    mask: Any = None,
     pairs: PairSpec = None,
-) -> optax.GradientTransformation:
-    r"""LoRA-One's training optimizer: Riemannian-preconditioned AdamW (SPEC §2.4).
+) -> optax.GradientTransformationExtraArgs:
+    r"""LoRA-One's training optimizer: Riemannian-preconditioned AdamW.
 
     .. math::
 
@@ -466,48 +498,51 @@ def lora_one(
     **no Adam bias correction**, as in the authors' code; the early updates are then
     larger than bias-corrected Adam's by ``(1 − b1ᵗ)/√(1 − b2ᵗ)`` (up to ~6.5× around
     t = 10 with (0.9, 0.999)), so use a warm-up. ``bias_correction=True`` gives
-    exactly :func:`lora_optax.scaled_adamw`. Leaves outside any pair get the same
-    AdamW without preconditioning.
+    exactly :func:`lora_optax.scaled_adamw`. Leaves outside any pair get the base
+    optimizer: the same AdamW (uncorrected by default) without the preconditioning.
 
     Pair it with :func:`lora_optax.spectral_init_pairs` for the initialisation; the
     optimizer itself works from any initialisation.
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps: Adam's decay rates and denominator epsilon (outside the root).
-      weight_decay: decoupled weight decay (multiplied by the learning rate).
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`optax.adamw`
+        (``eps`` outside the root).
       delta: damping ``δ`` (the slides' ``λ``) of the r×r Gram matrices; 1e-6 as in
         the reference code.
       bias_correction: apply Adam's bias correction (default False, reference code).
-      mu_dtype: dtype of Adam's first moment.
-      mask: weight-decay mask, as in :func:`optax.adamw`.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
-      An :class:`optax.GradientTransformation`; ``update`` needs ``params``.
+      An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``params``.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_optax
-      >>> params = {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 8))}
+      >>> params = {"q": {"lora_a": jnp.zeros((6, 2)), "lora_b": jnp.zeros((2, 4))}}
+      >>> full_grads = {"q": jnp.arange(24.0).reshape(6, 4) - 11.0}  # G of the base weight
+      >>> params = lora_optax.spectral_init_pairs(params, full_grads)  # LoRA-One's init
       >>> tx = lora_optax.lora_one(1e-3)
-      >>> state = tx.init(params)
       >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> updates, state = tx.update(grads, tx.init(params), params)
 
     References:
-      Zhang, Liu & Chen, *LoRA-One*, ICML 2025 (Alg. 1); Zhang & Pilanci, ICML 2024.
+      Zhang, Liu & Chen, *LoRA-One: One-Step Full Gradient Could Suffice for
+      Fine-Tuning Large Language Models, Provably and Efficiently*, ICML 2025 (Alg. 1),
+      https://arxiv.org/abs/2502.01235; Zhang & Pilanci, *Riemannian Preconditioned
+      LoRA for Fine-Tuning Foundation Models*, ICML 2024,
+      https://arxiv.org/abs/2402.02347.
     """
-    base.check_learning_rate(learning_rate)
-    base.check_betas(b1=b1, b2=b2)
-    base.check_non_negative(eps, "eps")
-    base.check_non_negative(weight_decay, "weight_decay")
+    pairwise.check_adamw_hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay)
     if bias_correction:
-        adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+        adam: optax.GradientTransformation = optax.scale_by_adam(
+            b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype
+        )
     else:
-        adam = scale_by_adam_uncorrected(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
-    return optax.chain(
-        scale_by_riemannian_preconditioner(delta, pairs=pairs),
-        adam,
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        adam = scale_by_adam_uncorrected(b1, b2, eps, eps_root, mu_dtype)
+    base_optimizer = optax.chain(
+        adam, pairwise.decay_and_learning_rate(learning_rate, weight_decay, mask)
+    )
+    precondition = pairwise.riemannian_preconditioner(delta=delta, pairs=pairs, what="lora_one")
+    return pairwise.lora_optimizer(
+        optax.chain(precondition, base_optimizer), base_optimizer, pairs=pairs, what="lora_one"
     )

@@ -2,7 +2,7 @@
 
 Every optimizer of the library receives ordinary pytrees. This module is the one
 place that decides which leaves are LoRA factors, pairs them, and works out how each
-factor maps to a matrix (SPEC §1):
+factor maps to a matrix (see also the Notation page of the documentation):
 
 * ``A`` has shape ``(*batch, *in_axes, r)`` and is read as a ``m × r`` matrix;
 * ``B`` has shape ``(*batch, r, *out_axes)`` and is read as a ``r × n`` matrix;
@@ -21,13 +21,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import optax
 
 Path = tuple[str, ...]
 
 # Leaf keys that wrap the array of a variable object (flax ``nnx.Variable`` flattens
 # to its value under one of these keys); they are skipped when naming a leaf.
-_WRAPPER_KEYS = frozenset({"value", "raw_value"})
+WRAPPER_KEYS = frozenset({"value", "raw_value"})
 
 _QWIX_A = re.compile(r"^(?P<stem>.+)_lora_a$", re.IGNORECASE)
 _QWIX_B = re.compile(r"^(?P<stem>.+)_lora_b$", re.IGNORECASE)
@@ -109,6 +108,11 @@ def _key_str(key: Any) -> str:
     return str(key)
 
 
+def key_path(keys: Iterable[Any]) -> Path:
+    """The normalised path of a jax key path (dict keys, attributes, indices as strings)."""
+    return tuple(_key_str(k) for k in keys)
+
+
 def _is_array_like(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
@@ -124,7 +128,7 @@ class LeafIndex:
     def __init__(self, tree: Any):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
         self.leaves = [leaf for _, leaf in flat]
-        self.paths: list[Path] = [tuple(_key_str(k) for k in kp) for kp, _ in flat]
+        self.paths: list[Path] = [key_path(kp) for kp, _ in flat]
         self.index = {p: i for i, p in enumerate(self.paths)}
 
     def __contains__(self, path: Path) -> bool:
@@ -152,7 +156,7 @@ class LeafIndex:
 
 def _leaf_name(path: Path) -> tuple[Path, str]:
     """(parent path, name) of a leaf, looking through variable wrapper keys."""
-    if len(path) >= 2 and path[-1] in _WRAPPER_KEYS:
+    if len(path) >= 2 and path[-1] in WRAPPER_KEYS:
         return path[:-2], path[-2]
     return path[:-1], path[-1] if path else ""
 
@@ -420,9 +424,9 @@ def _rebase_path(path: Path, index: LeafIndex) -> Path:
     """
     if path in index:
         return path
-    if path and path[-1] in _WRAPPER_KEYS and path[:-1] in index:
+    if path and path[-1] in WRAPPER_KEYS and path[:-1] in index:
         return path[:-1]
-    for key in _WRAPPER_KEYS:
+    for key in WRAPPER_KEYS:
         if (*path, key) in index:
             return (*path, key)
     return path
@@ -481,10 +485,6 @@ def label_tree(tree: Any, pairs: PairSpec = None, *, other: str = "other") -> An
     return index.map(lambda p, _: f"lora_{roles[p][0]}" if p in roles else other)
 
 
-def is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
 # ---------------------------------------------------------------------------------------
 # Full-weight gradients (SoLoRA, LoRA-One): where a pair's G lives in a `full_grads` tree.
 # ---------------------------------------------------------------------------------------
@@ -514,7 +514,7 @@ def full_grad_paths(pair: LoRAPair) -> tuple[Path, ...]:
         candidates.append(parent + (stem.group("stem"),))
     out: list[Path] = []
     for c in candidates:
-        out.extend([c] + [c + (k,) for k in sorted(_WRAPPER_KEYS)])
+        out.extend([c] + [c + (k,) for k in sorted(WRAPPER_KEYS)])
     return tuple(out)
 
 
@@ -644,22 +644,3 @@ def check_tree_match(
                 f"{what}: {names[0]} at {path_str(path)} has shape {_shape(u[path])} but "
                 f"{names[1]} has shape {_shape(p[path])}."
             )
-
-
-def with_input_checks(
-    tx: optax.GradientTransformation, what: str
-) -> optax.GradientTransformationExtraArgs:
-    """``tx`` whose ``update`` first runs :func:`check_tree_match` on (updates, params).
-
-    For aliases whose first transformation does not look at ``params`` (e.g. an Adam
-    core), so that a gradient tree that does not match the parameters fails with the
-    offending path rather than a broadcasting error. The state is ``tx``'s own.
-    """
-    tx = optax.with_extra_args_support(tx)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        if params is not None:
-            check_tree_match(updates, params, what=what)
-        return tx.update(updates, state, params, **extra_args)
-
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

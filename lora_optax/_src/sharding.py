@@ -9,11 +9,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
 
 from lora_optax._src.pairs import LeafIndex, path_str
-
-
-def _is_variable(x: Any) -> bool:
-    """A flax ``nnx.Variable`` (duck-typed, so that flax stays optional)."""
-    return hasattr(x, "get_metadata") and hasattr(x, "get_value") and hasattr(x, "replace")
+from lora_optax._src.pairwise import is_variable as _is_variable
 
 
 def _is_sharding_leaf(x: Any) -> bool:
@@ -135,7 +131,8 @@ def state_shardings(
       ...           "lora_b": jax.ShapeDtypeStruct((2, 8), jnp.float32,
       ...                                          sharding=NamedSharding(mesh, P()))}
       >>> s = lora_optax.state_shardings(lora_optax.scaled_adamw(1e-3), params)
-      >>> s[1][0].mu["lora_a"].spec
+      >>> adam = s.inner_states["lora"].inner_state[1][0]  # LoRA factors' AdamW moments
+      >>> adam.mu["lora_a"].spec
       P('data', None)
     """
     what = "state_shardings"

@@ -1,9 +1,11 @@
 """SoLoRA: second-order low-rank adaptation with an adaptive weighted metric.
 
-SPEC §2.5; paper ``shared/papers/solora.txt`` (Alg. 1 with SGD, Alg. 2 with momentum),
-translated to the library's orientation (``A`` m×r on the input side, ``B`` r×n on the
-output side, ``ΔW = s·A B``; the paper's ``W = B_p A_p`` has ``A = A_pᵀ``, ``B = B_pᵀ``,
-its ``L`` on our output axis and its ``R`` on our input axis).
+*LoRA Meets Second-Order Optimization: Towards Optimal Low-Rank Updates* (anonymous
+submission under double-blind review, 2025; Alg. 1 with SGD, Alg. 2 with momentum),
+translated to the library's orientation: ``A`` is read as an m×r matrix on the input
+side, ``B`` as an r×n matrix on the output side, ``ΔW = s·A B`` (``s`` the LoRA scale);
+the paper's ``W = B_p A_p`` has ``A = A_pᵀ``, ``B = B_pᵀ``, its ``L`` on our output axis
+and its ``R`` on our input axis.
 
 SoLoRA needs the full-weight gradient ``G = ∂L/∂W`` of every pair each step. It is
 passed as the ``full_grads=`` keyword of ``update`` (an optax extra argument, so it
@@ -22,16 +24,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_optax._src import base, linalg
+from lora_optax._src import base, linalg, pairwise
 from lora_optax._src.pairs import (
     LeafIndex,
     LoRAPair,
     PairSpec,
     full_grad_for_pair,
-    full_grad_shapes,
     resolve_pairs,
 )
-from lora_optax._src.riemannian import pair_params
 
 
 class ScaleBySoLoRAState(NamedTuple):
@@ -39,22 +39,19 @@ class ScaleBySoLoRAState(NamedTuple):
 
     Attributes:
       count: number of steps taken (int32).
-      stats: a tree shaped like the params: at each pair's ``A`` position the input
+      stats: a tree laid out like the params: at each pair's ``A`` position the input
         statistic ``r_in`` (shape ``(*batch, *in_axes)``), at its ``B`` position the
         output statistic ``l_out`` (shape ``(*batch, *out_axes)``), float32 or wider;
-        ``optax.MaskedNode()`` at every other leaf. O(m + n) per pair.
-      momentum: Alg. 2 only: a tree shaped like the params holding, at each pair's
+        ``optax.MaskedNode()`` in place of every other leaf. O(m + n) per pair.
+      momentum: Alg. 2 only: a tree laid out like the params holding, at each pair's
         ``A`` position, the FULL gradient momentum ``M`` of the base weight's shape
         ``(*batch, *in_axes, *out_axes)`` (one base-weight-sized array per pair);
         ``optax.MaskedNode()`` elsewhere (everywhere for Alg. 1).
-      other: state of the base transformation applied to leaves outside any pair
-        (``optax.EmptyState`` for Alg. 1; :func:`optax.scale_by_adam`'s for Alg. 2).
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     stats: Any
     momentum: Any
-    other: Any
 
 
 def _metric_sqrt(v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,7 +82,7 @@ def solora_direction(
     use_metric: bool = True,
     balanced: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    r"""SoLoRA's directions ``(Δ_A, Δ_B)`` for batched matrices (SPEC §2.5).
+    r"""SoLoRA's directions ``(Δ_A, Δ_B)`` for batched matrices.
 
     With ``R = diag(r_in / sqrt(‖r_in‖₁))`` (m, input side), ``L = diag(l_out /
     sqrt(‖l_out‖₁))`` (n, output side), ``K_A = AᵀR^½A + δI`` and ``K_B = B L^½ Bᵀ + δI``:
@@ -143,36 +140,6 @@ def _vec_b(pair: LoRAPair, v: jax.Array) -> jax.Array:
     return linalg.b_matrix(pair, jnp.expand_dims(v, pair.batch_ndim))[..., 0, :]
 
 
-def _spec_or_none(x: Any) -> tuple[Any, ...]:
-    spec = linalg.sharding_spec(x)
-    return (None,) * len(x.shape) if spec is None else spec
-
-
-def _has_spec(*xs: Any) -> bool:
-    return any(linalg.sharding_spec(x) is not None for x in xs)
-
-
-def pair_state_zeros(pair: LoRAPair, a: Any, b: Any, dtype: Any, *, full: bool) -> Any:
-    """Zeros for per-pair state, sharded consistently with the factors.
-
-    ``full=False``: ``(r_in, l_out)`` of shapes ``(*batch, *in)`` and ``(*batch, *out)``
-    (A's / B's layout without the rank axis). ``full=True``: one base-weight-sized
-    array ``(*batch, *in, *out)`` laid out like the product ``A B`` (A's input axes,
-    then B's output axes).
-    """
-    k = pair.batch_ndim
-    sa, sb = _spec_or_none(a), _spec_or_none(b)
-    sharded = _has_spec(a, b)
-    if full:
-        kernel, _ = full_grad_shapes(pair, a.shape, b.shape)
-        return linalg.zeros_with_spec(kernel, dtype, a, sa[:-1] + sb[k + 1 :] if sharded else None)
-    r_in = linalg.zeros_with_spec(a.shape[:-1], dtype, a, sa[:-1] if sharded else None)
-    l_out = linalg.zeros_with_spec(
-        b.shape[:k] + b.shape[k + 1 :], dtype, b, sb[:k] + sb[k + 1 :] if sharded else None
-    )
-    return r_in, l_out
-
-
 def full_grad_kernel(pair: LoRAPair, g: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
     """A full gradient given in kernel or matrix form, in kernel form."""
     if tuple(g.shape) == tuple(kernel_shape):
@@ -180,20 +147,46 @@ def full_grad_kernel(pair: LoRAPair, g: jax.Array, kernel_shape: tuple[int, ...]
     return linalg.from_matrix(g, kernel_shape, pair)
 
 
-def mask_paths(index: LeafIndex, paths: set) -> Any:
-    return index.replace({p: optax.MaskedNode() for p in paths if p in index})
+def _updated_statistics(
+    pair: LoRAPair, g: jax.Array, r_old: jax.Array, l_old: jax.Array, beta: Any
+) -> tuple[jax.Array, jax.Array]:
+    """``β r + (1-β) rowsums(G⊙G)`` and ``β l + (1-β) colsums(G⊙G)`` in the statistics'
+    own layouts (``(*batch, *in)`` and ``(*batch, *out)``) and shardings."""
+    g_m = linalg.full_grad_matrix(pair, g)
+    g2 = g_m * g_m
+    k = pair.batch_ndim
+    row = linalg.from_matrix(jnp.sum(g2, axis=-1)[..., None], r_old.shape + (1,), pair)
+    col = jnp.sum(g2, axis=-2)[..., None, :]
+    col = linalg.from_matrix(col, l_old.shape[:k] + (1,) + l_old.shape[k:], pair)
+    r_new = beta * r_old + (1.0 - beta) * linalg.reshard_like(row[..., 0], r_old)
+    l_new = beta * l_old + (1.0 - beta) * linalg.reshard_like(jnp.squeeze(col, axis=k), l_old)
+    return r_new, l_new
+
+
+def _momentum_gradients(
+    pair: LoRAPair, g: jax.Array, m_old: jax.Array, a_m: jax.Array, b_m: jax.Array, momentum: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Alg. 2: ``M ← β₃ M + (1-β₃) G`` and the LoRA gradients rebuilt from it,
+    ``(M, s M Bᵀ, s Aᵀ M)``."""
+    g_k = full_grad_kernel(pair, g, m_old.shape)
+    m_new = momentum * m_old + (1.0 - momentum) * linalg.reshard_like(
+        g_k.astype(m_old.dtype), m_old
+    )
+    mm = linalg.full_grad_matrix(pair, m_new)
+    g_a = pair.scale * linalg.contract_like("...mn,...rn->...mr", mm, b_m, a_m)
+    g_b = pair.scale * linalg.contract_like("...mr,...mn->...rn", a_m, mm, b_m)
+    return m_new, g_a, g_b
 
 
 def scale_by_solora(
-    beta: float = 0.98,
-    *,
-    momentum: float | None = None,
-    eps: float = 1e-8,
-    delta: float = 1e-6,
     mu_dtype: Any = None,
+    *,
+    beta: float = 0.98,
+    momentum: float | None = None,
+    delta: float = 1e-6,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""SoLoRA's preconditioned LoRA directions (SPEC §2.5, paper Alg. 1 / Alg. 2).
+    r"""SoLoRA's preconditioned LoRA directions (paper Alg. 1 / Alg. 2).
 
     ``update(updates, state, params, *, full_grads)``. For every LoRA pair, with ``G``
     its full-weight gradient (m×n, from ``full_grads``):
@@ -219,7 +212,7 @@ def scale_by_solora(
     Damping (a library decision; the paper inverts ``AᵀR^½A`` and ``B L^½ Bᵀ`` as if
     they were always invertible): both r×r matrices get ``+ δI`` everywhere they are
     inverted, like the Riemannian preconditioner, plus a relative floor ``ε·tr(K)``
-    (ε the float epsilon; ``linalg.safe_damping``) that keeps the Cholesky
+    (ε the float epsilon) that keeps the Cholesky
     factorisation from failing when large steps make the factors ill-conditioned
     (negligible otherwise: below 1e-15 relative in float64). ``B = 0`` at initialisation then gives
     ``Δ_A = 0`` (as ``g_A = 0``) and ``Δ_B = K_A⁻¹ g_B L^(-½)``. Zero statistics
@@ -227,9 +220,9 @@ def scale_by_solora(
     (pseudo-inverse convention). All of it runs in float32 or wider; r×r systems are
     solved by Cholesky.
 
-    Leaves outside any pair: Alg. 1 passes them through (plain SGD after the learning
-    rate); Alg. 2 applies :func:`optax.scale_by_adam` with ``b1 = momentum``,
-    ``b2 = beta`` and ``eps`` (AdamW without the LoRA preconditioning).
+    Leaves outside any pair pass through unchanged (the aliases give them their base
+    optimizer: :func:`optax.sgd` for :func:`solora_sgd`, :func:`optax.adamw` for
+    :func:`solora_adamw`).
 
     Memory: Alg. 1 keeps O(m + n) per pair. Alg. 2 keeps one base-weight-sized array
     per pair (``M``, in ``mu_dtype``, default float32) — as much as the frozen weight.
@@ -242,11 +235,10 @@ def scale_by_solora(
     the running mean of the micro-batch full gradients yourself if that matters.
 
     Args:
+      mu_dtype: dtype of ``M`` (Alg. 2; default: float32 or wider).
       beta: decay ``β`` of the statistics (paper: ``β₁ = β₂ = 0.98``).
       momentum: ``None`` for Alg. 1, else ``β₃`` of Alg. 2 (paper: 0.9).
-      eps: Adam's epsilon for leaves outside any pair (Alg. 2 only).
       delta: damping ``δ`` of the r×r matrices.
-      mu_dtype: dtype of ``M`` (Alg. 2) and of Adam's first moment of other leaves.
       pairs: pair spec, see :func:`lora_optax.scale_by_riemannian_preconditioner`.
 
     Returns:
@@ -265,22 +257,14 @@ def scale_by_solora(
       (4, 2)
 
     References:
-      SoLoRA (second-order low-rank adaptation), 2025 submission, Alg. 1 and 2.
+      *LoRA Meets Second-Order Optimization: Towards Optimal Low-Rank Updates*
+      (SoLoRA), anonymous submission under double-blind review, 2025, Alg. 1 and 2.
     """
     base.check_betas(beta=beta)
     if momentum is not None:
         base.check_betas(momentum=momentum)
-    base.check_non_negative(eps, "eps")
     base.check_non_negative(delta, "delta")
     what = "scale_by_solora" if momentum is None else "scale_by_solora(momentum=...)"
-    other_tx: optax.GradientTransformation = (
-        optax.identity()
-        if momentum is None
-        else optax.scale_by_adam(b1=momentum, b2=beta, eps=eps, mu_dtype=mu_dtype)
-    )
-
-    def _pair_paths(resolved):
-        return {p for pair in resolved for p in (pair.a_path, pair.b_path)}
 
     def init_fn(params):
         resolved = resolve_pairs(pairs, params, what=what)
@@ -289,79 +273,53 @@ def scale_by_solora(
         for pair in resolved:
             a, b = index[pair.a_path], index[pair.b_path]
             ct = linalg.compute_dtype(jnp.result_type(a.dtype, b.dtype))
-            stats[pair.a_path], stats[pair.b_path] = pair_state_zeros(pair, a, b, ct, full=False)
+            stats[pair.a_path], stats[pair.b_path] = pairwise.pair_state_zeros(
+                pair, a, b, ct, full=False
+            )
             if momentum is not None:
                 dt = ct if mu_dtype is None else mu_dtype
-                mom[pair.a_path] = pair_state_zeros(pair, a, b, dt, full=True)
-        masked = optax.MaskedNode()
+                mom[pair.a_path] = pairwise.pair_state_zeros(pair, a, b, dt, full=True)
         return ScaleBySoLoRAState(
             count=jnp.zeros([], jnp.int32),
-            stats=index.map(lambda p, _: stats.get(p, masked)),
-            momentum=index.map(lambda p, _: mom.get(p, masked)),
-            other=other_tx.init(mask_paths(index, _pair_paths(resolved))),
+            stats=pairwise.pair_state_tree(params, stats),
+            momentum=pairwise.pair_state_tree(params, mom),
         )
 
     def update_fn(updates, state, params=None, *, full_grads=None, **extra_args):
         del extra_args
-        resolved = resolve_pairs(pairs, updates, what=what)
-        p = pair_params(resolved, params, what, updates=updates)
-        u = LeafIndex(updates)
+        inputs = pairwise.resolve_update(pairs, updates, params, what)
+        p, u = inputs.params, inputs.updates
+        assert p is not None
         fg = None if full_grads is None else LeafIndex(full_grads)
         stats, mom = LeafIndex(state.stats), LeafIndex(state.momentum)
         t = state.count + 1
         new_u, new_stats, new_mom = {}, {}, {}
-        for pair in resolved:
-            a, b = p[pair.a_path], p[pair.b_path]
+        for pair in inputs.pairs:
             g = full_grad_for_pair(pair, full_grads if fg is None else fg, p, what=what)
             r_old, l_old = stats[pair.a_path], stats[pair.b_path]
             ct = r_old.dtype
             g = g.astype(ct)
-            g_m = linalg.full_grad_matrix(pair, g)
-            g2 = g_m * g_m
-            k = pair.batch_ndim
-            row = linalg.from_matrix(jnp.sum(g2, axis=-1)[..., None], r_old.shape + (1,), pair)
-            col = jnp.sum(g2, axis=-2)[..., None, :]
-            col = linalg.from_matrix(col, l_old.shape[:k] + (1,) + l_old.shape[k:], pair)
-            r_new = beta * r_old + (1.0 - beta) * linalg.reshard_like(row[..., 0], r_old)
-            l_new = beta * l_old + (1.0 - beta) * linalg.reshard_like(
-                jnp.squeeze(col, axis=k), l_old
-            )
+            r_new, l_new = _updated_statistics(pair, g, r_old, l_old, beta)
             new_stats[pair.a_path], new_stats[pair.b_path] = r_new, l_new
-            a_m, b_m = linalg.a_matrix(pair, a), linalg.b_matrix(pair, b)
+            a_m, b_m = linalg.a_matrix(pair, p[pair.a_path]), linalg.b_matrix(pair, p[pair.b_path])
             if momentum is None:
                 g_a = linalg.a_matrix(pair, u[pair.a_path])
                 g_b = linalg.b_matrix(pair, u[pair.b_path])
                 factor = 1.0
             else:
-                m_old = mom[pair.a_path]
-                g_k = full_grad_kernel(pair, g, m_old.shape)
-                m_new = momentum * m_old + (1.0 - momentum) * linalg.reshard_like(
-                    g_k.astype(m_old.dtype), m_old
+                new_mom[pair.a_path], g_a, g_b = _momentum_gradients(
+                    pair, g, mom[pair.a_path], a_m, b_m, momentum
                 )
-                new_mom[pair.a_path] = m_new
-                mm = linalg.full_grad_matrix(pair, m_new)
-                g_a = pair.scale * linalg.contract_like("...mn,...rn->...mr", mm, b_m, a_m)
-                g_b = pair.scale * linalg.contract_like("...mr,...mn->...rn", a_m, mm, b_m)
                 tt = t.astype(ct)
                 factor = jnp.sqrt(1.0 - beta**tt) / (1.0 - momentum**tt)
             d_a, d_b = solora_direction(
                 a_m, b_m, g_a, g_b, _vec_a(pair, r_new), _vec_b(pair, l_new), delta
             )
-            ua, ub = u[pair.a_path], u[pair.b_path]
-            new_u[pair.a_path] = linalg.from_matrix(factor * d_a, ua.shape, pair).astype(ua.dtype)
-            new_u[pair.b_path] = linalg.from_matrix(factor * d_b, ub.shape, pair).astype(ub.dtype)
-        paths = _pair_paths(resolved)
-        other_u, other_state = other_tx.update(
-            mask_paths(u, paths),
-            state.other,
-            None if params is None else mask_paths(LeafIndex(params), paths),
-        )
-        new_u.update(LeafIndex(other_u).items())
+            new_u.update(pairwise.factor_updates(pair, u, factor * d_a, factor * d_b))
         new_state = ScaleBySoLoRAState(
             count=optax.safe_increment(state.count),
             stats=stats.replace(new_stats),
             momentum=mom.replace(new_mom),
-            other=other_state,
         )
         return u.replace(new_u), new_state
 
@@ -379,7 +337,8 @@ def solora_sgd(
 
     ``Δ_A``, ``Δ_B`` are :func:`scale_by_solora`'s directions (adaptive weighted
     metric from the full-weight gradients ``G``, balanced low-rank projection). Leaves
-    outside any pair get plain SGD. ``update`` needs ``params`` and ``full_grads=``.
+    outside any pair get the base optimizer, :func:`optax.sgd`. ``update`` needs
+    ``params`` and ``full_grads=``.
 
     The directions are invariant to the scale of ``G`` (degree 0), so learning rates
     behave like Adam's rather than SGD's (paper Table 4: 5e-5 … 8e-4 for GPT-2).
@@ -403,25 +362,28 @@ def solora_sgd(
       >>> updates, state = tx.update(grads, state, params, full_grads=full_grads)
 
     References:
-      SoLoRA (second-order low-rank adaptation), 2025 submission, Alg. 1.
+      *LoRA Meets Second-Order Optimization: Towards Optimal Low-Rank Updates*
+      (SoLoRA), anonymous submission under double-blind review, 2025, Alg. 1.
     """
     base.check_learning_rate(learning_rate)
-    return optax.chain(
-        scale_by_solora(beta, delta=delta, pairs=pairs),
-        optax.scale_by_learning_rate(learning_rate),
+    return pairwise.lora_optimizer(
+        optax.chain(scale_by_solora(beta=beta, delta=delta, pairs=pairs), optax.sgd(learning_rate)),
+        optax.sgd(learning_rate),
+        pairs=pairs,
+        what="solora_sgd",
     )
 
 
 def solora_adamw(
     learning_rate: base.ScalarOrSchedule,
+    eps: float = 1e-8,
+    mu_dtype: Any = None,
+    weight_decay: float = 0.01,
+    mask: Any = None,
     *,
     beta: float = 0.98,
     momentum: float = 0.9,
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
     delta: float = 1e-6,
-    mu_dtype: Any = None,
-    mask: Any = None,
     pairs: PairSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SoLoRA with momentum and decoupled weight decay (paper Alg. 2).
@@ -437,21 +399,22 @@ def solora_adamw(
 
     with ``Δ`` from :func:`solora_direction` and the statistics updated from the raw
     ``G`` (see :func:`scale_by_solora`). The paper's "(1 − λη_t B_t)" is read as
-    ``(1 − λη_t) B_t``. Leaves outside any pair get AdamW with ``b1 = momentum``,
-    ``b2 = beta``.
+    ``(1 − λη_t) B_t``. Leaves outside any pair get the base optimizer,
+    :func:`optax.adamw` with ``b1 = momentum``, ``b2 = beta`` and this ``eps``,
+    ``mu_dtype``, ``weight_decay`` and ``mask``.
 
     Memory: one full base-weight-sized momentum ``M`` per pair (float32 unless
     ``mu_dtype``), in addition to the O(m + n) statistics.
 
     Args:
       learning_rate: a float or an optax schedule.
+      eps: Adam's epsilon for leaves outside any pair.
+      mu_dtype: dtype of ``M`` and of other leaves' first moment.
+      weight_decay: decoupled weight decay ``λ`` (paper: 0.01), multiplied by ``η``.
+      mask: weight-decay mask, as in :func:`optax.adamw`.
       beta: decay of the statistics ``β = β₁ = β₂`` (paper: 0.98).
       momentum: ``β₃`` (paper: 0.9).
-      eps: Adam's epsilon for leaves outside any pair.
-      weight_decay: decoupled weight decay ``λ`` (paper: 0.01), multiplied by ``η``.
       delta: damping of the r×r matrices.
-      mu_dtype: dtype of ``M`` and of other leaves' first moment.
-      mask: weight-decay mask, as in :func:`optax.adamw`.
       pairs: pair spec.
 
     Returns:
@@ -468,14 +431,14 @@ def solora_adamw(
       ...                            full_grads={"layer": jnp.ones((8, 8))})
 
     References:
-      SoLoRA (second-order low-rank adaptation), 2025 submission, Alg. 2.
+      *LoRA Meets Second-Order Optimization: Towards Optimal Low-Rank Updates*
+      (SoLoRA), anonymous submission under double-blind review, 2025, Alg. 2.
     """
-    base.check_learning_rate(learning_rate)
-    base.check_non_negative(weight_decay, "weight_decay")
-    return optax.chain(
-        scale_by_solora(
-            beta, momentum=momentum, eps=eps, delta=delta, mu_dtype=mu_dtype, pairs=pairs
-        ),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+    for_pairs = optax.chain(
+        scale_by_solora(mu_dtype, beta=beta, momentum=momentum, delta=delta, pairs=pairs),
+        pairwise.decay_and_learning_rate(learning_rate, weight_decay, mask),
     )
+    base_optimizer = pairwise.adamw_base(
+        learning_rate, momentum, beta, eps, 0.0, mu_dtype, weight_decay, mask
+    )
+    return pairwise.lora_optimizer(for_pairs, base_optimizer, pairs=pairs, what="solora_adamw")

@@ -2,7 +2,7 @@
 
 Every example builds a model and a loss, then calls :func:`train_loop`, which gives
 them the same flags (:func:`add_common_args`), optimizers (:func:`make_optimizer`:
-every optimizer of the library plus AdamW and Lamb), learning-rate schedule (linear
+the registry :data:`lora_optax.OPTIMIZERS`), learning-rate schedule (linear
 warm-up then linear decay, as in LoRA-RITE A.1), device mesh, orbax checkpoints with
 resume (data cursor included), periodic evaluation, a tqdm progress bar with loss
 and throughput, JSON-lines metrics and a final summary table.
@@ -30,7 +30,6 @@ from lora_optax.flax.train import make_mesh, make_train_step, shard_model
 
 __all__ = [
     "FULL_GRAD_OPTIMIZERS",
-    "OPTIMIZERS",
     "add_common_args",
     "make_optimizer",
     "make_schedule",
@@ -39,38 +38,16 @@ __all__ = [
 ]
 
 
-def _lib(name: str) -> Callable[..., Any]:
-    fn = getattr(lora_optax, name, None)
-    if fn is None:
-        raise ValueError(f"lora_optax has no {name!r} in this version.")
-    return fn
-
-
-# name -> (factory(lr, pairs, args), needs full-weight gradients)
-OPTIMIZERS: dict[str, Callable[[Any, Any, argparse.Namespace], optax.GradientTransformation]] = {
-    "adamw": lambda lr, pairs, a: optax.adamw(lr, a.b1, a.b2, weight_decay=a.weight_decay),
-    "lamb": lambda lr, pairs, a: optax.lamb(lr, a.b1, a.b2, weight_decay=a.weight_decay),
-    "lora_plus": lambda lr, pairs, a: _lib("lora_plus")(
-        lr, ratio=a.lora_plus_ratio, b1=a.b1, b2=a.b2, weight_decay=a.weight_decay, pairs=pairs
-    ),
-    "scaled_adamw": lambda lr, pairs, a: _lib("scaled_adamw")(
-        lr, a.b1, a.b2, weight_decay=a.weight_decay, pairs=pairs
-    ),
-    "scaled_sgd": lambda lr, pairs, a: _lib("scaled_sgd")(lr, pairs=pairs),
-    "lora_rite": lambda lr, pairs, a: _lib("lora_rite")(
-        lr, a.b1, a.b2, weight_decay=a.weight_decay, pairs=pairs
-    ),
-    "ilora": lambda lr, pairs, a: _lib("ilora")(lr, b1=a.b1, b2=a.b2, pairs=pairs),
-    "pilora": lambda lr, pairs, a: _lib("pilora")(lr, b1=a.b1, b2=a.b2, pairs=pairs),
-    "lora_one": lambda lr, pairs, a: _lib("lora_one")(
-        lr, a.b1, a.b2, weight_decay=a.weight_decay, pairs=pairs
-    ),
-    "solora_sgd": lambda lr, pairs, a: _lib("solora_sgd")(lr, pairs=pairs),
-    "solora_adamw": lambda lr, pairs, a: _lib("solora_adamw")(lr, pairs=pairs),
-    "lora_pro": lambda lr, pairs, a: _lib("lora_pro")(lr, pairs=pairs),
-    "lora_pro_sgd": lambda lr, pairs, a: _lib("lora_pro_sgd")(lr, pairs=pairs),
+# The registry of lora_optax (every optimizer of the library plus AdamW, Lamb and SGD).
+OPTIMIZERS = lora_optax.OPTIMIZERS
+FULL_GRAD_OPTIMIZERS = frozenset(n for n, spec in OPTIMIZERS.items() if spec.needs_full_grads)
+# Flags that set a hyperparameter of every optimizer that has it: kwarg -> flag attribute.
+_HYPERPARAMETER_FLAGS = {
+    "b1": "b1",
+    "b2": "b2",
+    "weight_decay": "weight_decay",
+    "ratio": "lora_plus_ratio",
 }
-FULL_GRAD_OPTIMIZERS = frozenset({"solora_sgd", "solora_adamw"})
 
 
 def make_schedule(
@@ -93,10 +70,22 @@ def make_schedule(
 def make_optimizer(
     name: str, learning_rate: Any, pairs: Any, args: argparse.Namespace
 ) -> optax.GradientTransformation:
-    """The optimizer ``name`` (see :data:`OPTIMIZERS`) with gradient clipping."""
+    """The optimizer ``name`` of the registry (:data:`lora_optax.OPTIMIZERS`) with
+    gradient clipping.
+
+    ``--b1``, ``--b2``, ``--weight-decay`` and ``--lora-plus-ratio`` set the
+    hyperparameters of that name for every optimizer that has them (the registry's
+    ``defaults``); the LoRA methods get the model's ``pairs``.
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}.")
-    tx = OPTIMIZERS[name](learning_rate, pairs, args)
+    spec = OPTIMIZERS[name]
+    kwargs = {
+        k: getattr(args, flag) for k, flag in _HYPERPARAMETER_FLAGS.items() if k in spec.defaults
+    }
+    if spec.lora:
+        kwargs["pairs"] = pairs
+    tx = lora_optax.get_optimizer(name, learning_rate, **kwargs)
     if args.clip_norm and args.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(args.clip_norm), tx)
     return tx
@@ -204,6 +193,12 @@ def _summary(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _real_tokens(batch: Any, pad_id: int | None) -> int | None:
+    if pad_id is None or not isinstance(batch, dict) or "tokens" not in batch:
+        return None
+    return int((np.asarray(batch["tokens"]) != pad_id).sum())
+
+
 def train_loop(
     args: argparse.Namespace,
     *,
@@ -215,6 +210,8 @@ def train_loop(
     shard_rules: Any = (),
     has_aux: bool = False,
     header: dict[str, Any] | None = None,
+    eval_at_start: bool = False,
+    pad_id: int | None = None,
 ) -> dict[str, Any]:
     """Trains the LoRA factors of ``model`` for ``args.steps`` steps.
 
@@ -229,6 +226,9 @@ def train_loop(
       mesh: device mesh (base weights placed with ``shard_rules``).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       header: extra lines for the summary table.
+      eval_at_start: evaluate before the first step too (zero-shot), unless resuming.
+      pad_id: with ``batch["tokens"]``, the padding id: the progress bar and metrics
+        then report real tokens per second (``tok_s``).
 
     Returns:
       ``{"rows": all metric rows, "final_eval": last eval dict, "model": model}``.
@@ -245,7 +245,11 @@ def train_loop(
     tx = make_optimizer(args.optimizer, schedule, pair_spec(model), args)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
     full = args.optimizer in FULL_GRAD_OPTIMIZERS
-    step_fn = make_train_step(loss_fn, has_aux=has_aux, full_grads=full, mesh=mesh)
+    # share_grads: a second run in the same process (another optimizer, e.g. the
+    # examples' --compare) reuses the compiled forward + backward pass.
+    step_fn = make_train_step(
+        loss_fn, has_aux=has_aux, full_grads=full, mesh=mesh, share_grads=True
+    )
     metrics = _Metrics(args.metrics)
     ckpt = None
     start = 0
@@ -284,6 +288,13 @@ def train_loop(
         metrics.log(
             {"kind": "eval", "step": step, **final_eval, "time": round(time.perf_counter() - t, 3)}
         )
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items() if "accuracy" in k)
+        if shown:
+            when = "zero-shot (before training)" if step == 0 else f"after step {step}"
+            print(f"{args.optimizer} {when}: {shown}", file=sys.stderr, flush=True)
+
+    if eval_at_start and start == 0:
+        run_eval(0)
 
     last = time.perf_counter()
     step = start
@@ -296,6 +307,7 @@ def train_loop(
         now = time.perf_counter()
         dt, last = now - last, now
         lr = float(schedule(step)) if callable(schedule) else float(schedule)
+        tokens = _real_tokens(batch, pad_id)
         row = {
             "kind": "train",
             "step": done,
@@ -304,10 +316,16 @@ def train_loop(
             "steps_per_s": 1.0 / dt if dt > 0 else None,
             "examples_per_s": examples_per_step / dt if dt > 0 else None,
         }
+        if tokens is not None:
+            row["tokens_per_s"] = tokens / dt if dt > 0 else None
         metrics.log(row)
         if not args.no_progress:
+            speed = {"tok_s": f"{tokens / dt:.0f}"} if tokens is not None else {}
             bar.set_postfix(
-                loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", ex_s=f"{examples_per_step / dt:.1f}"
+                loss=f"{loss_v:.4f}",
+                lr=f"{lr:.2e}",
+                ex_s=f"{examples_per_step / dt:.1f}",
+                **speed,
             )
         if not math.isfinite(loss_v):
             print(f"non-finite loss at step {done}; stopping", file=sys.stderr)

@@ -41,12 +41,12 @@ from lora_optax._src import linalg
 from lora_optax._src.pairs import LoRAPair, Path
 from lora_optax.flax.lora import (
     ScaledLoRA,
-    _get_child,
-    _set_child,
-    _strip,
     flat_paths,
+    get_child,
     lora_pairs,
     module_at,
+    set_child,
+    strip_wrapper,
 )
 from lora_optax.flax.train import FullGradPlan
 
@@ -76,7 +76,7 @@ def delta_weights(model: nnx.Module) -> dict[Path, jax.Array]:
     out = {}
     for e in plan.entries:
         kernel = flat[e.kernel_path]
-        d = _delta(e.pair, flat[_strip(e.pair.a_path)], flat[_strip(e.pair.b_path)])
+        d = _delta(e.pair, flat[strip_wrapper(e.pair.a_path)], flat[strip_wrapper(e.pair.b_path)])
         out[e.kernel_path] = plan.from_pair_layout(e, d, kernel.shape).astype(kernel.dtype)
     return out
 
@@ -109,13 +109,13 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     for mpath, module in wrapped:
         parent: Any = merged
         for key in mpath[:-1]:
-            parent = _get_child(parent, key)
-        _set_child(parent, mpath[-1], module.base_module)
+            parent = get_child(parent, key)
+        set_child(parent, mpath[-1], module.base_module)
     return merged
 
 
 def _module_key(pair: LoRAPair, prefix: str, key_fn: Callable[[str], str] | None) -> str:
-    a_path = _strip(pair.a_path)
+    a_path = strip_wrapper(pair.a_path)
     parent = a_path[:-1]
     name = a_path[-1]
     if name.endswith("_lora_a") and name not in ("lora_a",):
@@ -147,8 +147,8 @@ def peft_state_dict(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for pair in pairs:
-        a = linalg.a_matrix(pair, flat[_strip(pair.a_path)])  # (*batch, m, r)
-        b = linalg.b_matrix(pair, flat[_strip(pair.b_path)])  # (*batch, r, n)
+        a = linalg.a_matrix(pair, flat[strip_wrapper(pair.a_path)])  # (*batch, m, r)
+        b = linalg.b_matrix(pair, flat[strip_wrapper(pair.b_path)])  # (*batch, r, n)
         key = _module_key(pair, prefix, key_fn)
         batch_shape = a.shape[:-2]
         for idx in np.ndindex(*batch_shape) if batch_shape else [()]:
@@ -231,7 +231,7 @@ def load_peft_adapter(
     flat = flat_paths(nnx.state(model, nnx.LoRAParam))
     updates: dict[Path, Any] = {}
     for pair in pairs:
-        a_old, b_old = flat[_strip(pair.a_path)], flat[_strip(pair.b_path)]
+        a_old, b_old = flat[strip_wrapper(pair.a_path)], flat[strip_wrapper(pair.b_path)]
         key = _module_key(pair, prefix, key_fn)
         am, bm = linalg.a_matrix(pair, a_old), linalg.b_matrix(pair, b_old)
         batch_shape = am.shape[:-2]
@@ -243,8 +243,12 @@ def load_peft_adapter(
                 b_new[idx] = tensors[f"{k}.lora_B.weight"].T
             except KeyError as e:
                 raise ValueError(f"load_peft_adapter: no tensor {e} in {directory}.") from e
-        updates[_strip(pair.a_path)] = linalg.from_matrix(jnp.asarray(a_new), a_old.shape, pair)
-        updates[_strip(pair.b_path)] = linalg.from_matrix(jnp.asarray(b_new), b_old.shape, pair)
+        updates[strip_wrapper(pair.a_path)] = linalg.from_matrix(
+            jnp.asarray(a_new), a_old.shape, pair
+        )
+        updates[strip_wrapper(pair.b_path)] = linalg.from_matrix(
+            jnp.asarray(b_new), b_old.shape, pair
+        )
     for path, value in updates.items():
         var = getattr(module_at(model, path[:-1]), path[-1])
         old = var[...]

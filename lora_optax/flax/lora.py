@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lora_optax._src.pairs import (
+    WRAPPER_KEYS,
     LoRAPair,
     Path,
     find_lora_pairs,
@@ -83,9 +84,14 @@ TARGET_PRESETS: dict[str, str] = {
         r"(?:.*/)?(?:attn/(?:q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum)"
         r"|mlp/(?:gate_proj|up_proj|down_proj))"
     ),
+    # tunix Gemma3 (layers/<i>/attn/...): q/kv/o einsums (qkv_einsum when heads == kv
+    # heads); "gemma3_all" adds the MLP's nnx.Linear gate/up/down projections.
+    "gemma3": r"layers/\d+/attn/(?:q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum)",
+    "gemma3_all": (
+        r"layers/\d+/(?:attn/(?:q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum)"
+        r"|mlp/(?:gate_proj|up_proj|down_proj))"
+    ),
 }
-
-_WRAPPER_KEYS = ("value", "raw_value")
 
 
 def lora_scale(rank: int, alpha: float | None, convention: str | float = "alpha/r") -> float:
@@ -154,7 +160,12 @@ class ScaledLoRA(nnx.LoRA):
         return out
 
 
-def _get_child(node: Any, key: Any) -> Any:
+# get_child / set_child / strip_wrapper / qwix_permutation are shared with the other
+# modules of lora_optax.flax (train, export); they are not part of the public API.
+
+
+def get_child(node: Any, key: Any) -> Any:
+    """``node``'s child ``key`` (a sequence index, an attribute or a mapping key)."""
     if isinstance(key, int):
         return node[key]
     if hasattr(node, str(key)):
@@ -162,7 +173,8 @@ def _get_child(node: Any, key: Any) -> Any:
     return node[key]
 
 
-def _set_child(node: Any, key: Any, value: Any) -> None:
+def set_child(node: Any, key: Any, value: Any) -> None:
+    """Sets ``node``'s child ``key`` (as :func:`get_child` reads it) to ``value``."""
     if isinstance(key, int):
         node[key] = value
     elif isinstance(node, nnx.Module) or hasattr(node, str(key)):
@@ -285,8 +297,8 @@ def apply_lora(
             wrapper.lora_b[...] = _place_like(wrapper.lora_b[...], kernel, (None, spec[1]))
         parent = model
         for key in path[:-1]:
-            parent = _get_child(parent, key)
-        _set_child(parent, path[-1], wrapper)
+            parent = get_child(parent, key)
+        set_child(parent, path[-1], wrapper)
     if einsum:
         model = _apply_qwix(
             model,
@@ -366,8 +378,9 @@ def _apply_qwix(
     return new
 
 
-def _strip(path: Path) -> Path:
-    if path and path[-1] in _WRAPPER_KEYS:
+def strip_wrapper(path: Path) -> Path:
+    """``path`` without a trailing variable wrapper key (``.../lora_a/value``)."""
+    if path and path[-1] in WRAPPER_KEYS:
         return path[:-1]
     return path
 
@@ -396,7 +409,7 @@ def lora_scales(model: nnx.Module) -> dict[Path, float | None]:
 
 def _scale_lookup(scales: Mapping[Path, float | None], override: Any) -> Callable[[Path], float]:
     def lookup(path: Path) -> float:
-        key = _strip(tuple(path))
+        key = strip_wrapper(tuple(path))
         if override is not None:
             if isinstance(override, (int, float)):
                 return float(override)
@@ -479,7 +492,7 @@ def base_kernel_path(pair: LoRAPair, state: Any) -> Path:
         ``nnx.Param`` state, flattened by :func:`flat_paths`), or a set of paths.
     """
     parent = pair_parent(pair)
-    a_name = _strip(pair.a_path)[-1]
+    a_name = strip_wrapper(pair.a_path)[-1]
     candidates: list[Path] = []
     if a_name.endswith("_lora_a") and a_name != "_lora_a":
         candidates.append((*parent, a_name[: -len("_lora_a")]))
@@ -529,7 +542,7 @@ def base_kernel_to_pair_layout(
     """
     k = pair.batch_ndim
     target = tuple(a_shape[:-1]) + tuple(b_shape[k + 1 :])
-    perm = _qwix_permutation(module, stem, kernel.ndim)
+    perm = qwix_permutation(module, stem, kernel.ndim)
     out = kernel if perm is None else jnp.transpose(kernel, perm)
     if tuple(out.shape) == target:
         return out
@@ -543,7 +556,7 @@ def base_kernel_to_pair_layout(
     )
 
 
-def _qwix_permutation(module: Any, stem: str | None, ndim: int) -> list[int] | None:
+def qwix_permutation(module: Any, stem: str | None, ndim: int) -> list[int] | None:
     """Axis order (contracting+batch axes of the weight, then the others)."""
     if module is None or stem is None:
         return None
@@ -589,5 +602,5 @@ def module_at(model: nnx.Module, path: Path) -> Any:
         if isinstance(node, (list, tuple, nnx.List)) or (key.isdigit() and not hasattr(node, key)):
             node = node[int(key)]
         else:
-            node = _get_child(node, key)
+            node = get_child(node, key)
     return node

@@ -21,6 +21,7 @@ follows the params), and the step shards each batch over the ``data`` axis.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -34,13 +35,13 @@ from flax import nnx
 
 from lora_optax._src.pairs import LeafIndex, LoRAPair, Path, pair_parent, path_str
 from lora_optax.flax.lora import (
-    _qwix_permutation,
-    _strip,
     base_kernel_path,
     flat_paths,
     inverse_permutation,
     lora_pairs,
     module_at,
+    qwix_permutation,
+    strip_wrapper,
 )
 
 __all__ = [
@@ -85,10 +86,10 @@ class FullGradPlan:
         for pair in pairs:
             kpath = base_kernel_path(pair, params)
             kernel = params[kpath]
-            a, b = params[_strip(pair.a_path)], params[_strip(pair.b_path)]
+            a, b = params[strip_wrapper(pair.a_path)], params[strip_wrapper(pair.b_path)]
             module = module_at(model, kpath[:-1])
-            stem = kpath[-1] if _strip(pair.a_path)[-1].endswith("_lora_a") else None
-            qp = _qwix_permutation(module, stem, kernel.ndim)
+            stem = kpath[-1] if strip_wrapper(pair.a_path)[-1].endswith("_lora_a") else None
+            qp = qwix_permutation(module, stem, kernel.ndim)
             perm = tuple(qp) if qp is not None and list(qp) != list(range(kernel.ndim)) else None
             target = tuple(a.shape[:-1]) + tuple(b.shape[pair.batch_ndim + 1 :])
             if math.prod(kernel.shape) != math.prod(target):
@@ -240,7 +241,7 @@ def shard_model(
             if e.perm is not None:
                 kspec = tuple(kspec[i] for i in e.perm)
             pair = e.pair
-            a_path, b_path = _strip(pair.a_path), _strip(pair.b_path)
+            a_path, b_path = strip_wrapper(pair.a_path), strip_wrapper(pair.b_path)
             a_shape, b_shape = flat[a_path].shape, flat[b_path].shape
             k, m_axes = pair.batch_ndim, pair.in_ndim
             if len(kspec) != k + m_axes + pair.out_ndim:
@@ -318,6 +319,31 @@ def _shardings(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else None, tree)
 
 
+# Compiled gradient functions shared by every step built with share_grads=True:
+# (model graphdef, loss_fn, has_aux, full-grad kernels) -> jitted (lora, frozen, batch) fn;
+# the least recently built are dropped beyond _SHARED_GRADS_MAX.
+_SHARED_GRADS: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_SHARED_GRADS_MAX = 8
+
+
+def _shared_grad_fn(graphdef: Any, loss_fn: Callable, has_aux: bool, plan: Any) -> Any:
+    # repr: graphdefs holding unhashable static attributes (tunix configs) have no hash.
+    key = (repr(graphdef), loss_fn, has_aux, None if plan is None else plan.kernel_paths)
+    fn = _SHARED_GRADS.get(key)
+    if fn is not None:
+        _SHARED_GRADS.move_to_end(key)
+    else:
+
+        def grads(lora, frozen, batch):
+            m = nnx.merge(graphdef, frozen, lora)
+            return _grads(m, loss_fn, batch, has_aux=has_aux, plan=plan)
+
+        fn = _SHARED_GRADS[key] = jax.jit(grads)
+        while len(_SHARED_GRADS) > _SHARED_GRADS_MAX:
+            _SHARED_GRADS.popitem(last=False)
+    return fn
+
+
 def make_train_step(
     loss_fn: Callable[[nnx.Module, Any], Any],
     *,
@@ -328,6 +354,7 @@ def make_train_step(
     data_axis: str | None = "data",
     jit: bool = True,
     donate: bool = True,
+    share_grads: bool = False,
 ) -> Callable[[nnx.Module, nnx.Optimizer, Any], tuple[Any, Any]]:
     """Builds ``step(model, optimizer, batch) -> (loss, aux)`` for LoRA training.
 
@@ -349,6 +376,10 @@ def make_train_step(
       data_axis: the mesh axis of the batch.
       jit: compile the step (default).
       donate: donate the mutable state's buffers to the step.
+      share_grads: compile the forward + backward pass separately from the update,
+        once per (model structure, ``loss_fn``, batch shape) for all the steps built
+        in this process: comparing optimizers on one model then compiles the model
+        once, and each optimizer only its update. (Default: one fused program.)
 
     Returns:
       The step function; ``loss`` is a scalar array, ``aux`` whatever ``loss_fn``
@@ -370,6 +401,8 @@ def make_train_step(
             _, _, new_mutable = nnx.split((m, opt), _FROZEN, ...)  # type: ignore[misc]
             return new_mutable, loss, aux
 
+        if share_grads and jit:
+            return graphdef, _split_step(graphdef, model, plan, donate, mutable)
         if jit:
             fn = jax.jit(
                 pure_step,
@@ -379,6 +412,30 @@ def make_train_step(
         else:
             fn = pure_step
         return graphdef, fn
+
+    def _split_step(graphdef, model, plan, donate, mutable):
+        # The model's own structure keys the shared gradient function; the (model,
+        # optimizer) states are indexed 0 (model) and 1 (optimizer).
+        model_def, _, _ = nnx.split(model, _FROZEN, ...)  # type: ignore[misc]
+        grad_fn = _shared_grad_fn(model_def, loss_fn, has_aux, plan)
+
+        def pure_update(mutable, frozen, grads, full):
+            m, opt = nnx.merge(graphdef, frozen, mutable)
+            opt.update(m, grads, **({} if full is None else {"full_grads": full}))
+            _, _, new_mutable = nnx.split((m, opt), _FROZEN, ...)  # type: ignore[misc]
+            return new_mutable
+
+        update = jax.jit(
+            pure_update,
+            donate_argnums=(0,) if donate else (),
+            out_shardings=_shardings(mutable),
+        )
+
+        def fn(mutable, frozen, batch):
+            loss, aux, grads, full = grad_fn(mutable[0], frozen[0], batch)
+            return update(mutable, frozen, grads, full), loss, aux
+
+        return fn
 
     def step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Any) -> tuple[Any, Any]:
         if "fn" not in cache:

@@ -231,7 +231,7 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertSelfAttention(nnx.Module):
-    """Multi-head self-attention: ``query``/``key``/``value`` and ``output`` ``nnx.Linear``s.
+    """Multi-head self-attention: ``query``/``key``/``value`` and ``output`` ``nnx.Linear`` layers.
 
     Scores are scaled by ``1/sqrt(head_dim)``; the softmax runs in float32.
     """

@@ -297,3 +297,122 @@ def pack_prompt_target(
     target_mask = np.zeros(max_length, dtype=bool)
     target_mask[len(prompt) : len(tokens)] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+
+
+def answer_targets(target_mask: np.ndarray, num_targets: int) -> dict[str, np.ndarray]:
+    """The positions that predict the marked tokens, padded to ``num_targets`` per row.
+
+    ``target_mask`` ``(B, L)`` marks answer tokens (``target_mask`` of
+    :func:`pack_prompt_target`); token ``t`` is predicted at position ``t - 1``. For a
+    loss or score that applies the LM head at those positions only.
+
+    Returns:
+      ``target_index`` ``(B, num_targets)`` int32 (the positions, padded with 0) and
+      ``target_weight`` ``(B, num_targets)`` float32 (1 real, 0 padding).
+
+    Raises:
+      ValueError: when a row marks more than ``num_targets`` tokens (rows are never
+        cut silently: raise ``num_targets``), or marks position 0.
+    """
+    mask = np.asarray(target_mask, bool)
+    if mask.ndim != 2:
+        raise ValueError(f"answer_targets: target_mask must be (batch, length), got {mask.shape}")
+    if mask[:, 0].any():
+        raise ValueError("answer_targets: target_mask marks position 0, which nothing predicts.")
+    counts = mask.sum(-1)
+    if counts.max(initial=0) > num_targets:
+        row = int(counts.argmax())
+        raise ValueError(
+            f"answer_targets: row {row} marks {int(counts[row])} tokens, more than "
+            f"num_targets={num_targets}; raise num_targets."
+        )
+    index = np.zeros((mask.shape[0], num_targets), np.int32)
+    weight = np.zeros((mask.shape[0], num_targets), np.float32)
+    for b, row in enumerate(mask):
+        pos = np.flatnonzero(row) - 1
+        index[b, : len(pos)] = pos
+        weight[b, : len(pos)] = 1.0
+    return {"target_index": index, "target_weight": weight}
+
+
+def pack_choices(
+    prompt_ids: Sequence[int],
+    choices: Sequence[Sequence[int]],
+    max_length: int,
+    num_targets: int,
+    *,
+    num_choices: int | None = None,
+    pad_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """One decoder row holding a prompt and all its candidate continuations.
+
+    The row is ``prompt, choice_0, choice_1, …``; the attention mask lets each choice
+    token see the prompt and the earlier tokens of its own choice only, and each
+    choice's positions continue from the end of the prompt, so every choice is scored
+    exactly as if it followed the prompt alone — with the prompt computed once instead
+    of once per choice. (Valid while the row is shorter than a sliding attention
+    window, which Gemma 3 applies by row index.)
+
+    Args:
+      prompt_ids: the prompt tokens (with BOS).
+      choices: the token ids of each candidate.
+      max_length: row length ``L``.
+      num_targets: ``K``, the number of scored tokens per row (all choices together).
+      num_choices: ``C`` (default ``len(choices)``); missing choices score 0 weight.
+      pad_id: padding id.
+
+    Returns:
+      ``tokens`` ``(L,)``, ``positions`` ``(L,)``, ``attention_mask`` ``(L, L)``,
+      ``target_index`` / ``target_ids`` / ``target_weight`` ``(K,)`` and
+      ``target_choice`` ``(K, C)`` (one-hot: which choice each scored token belongs to).
+
+    Raises:
+      ValueError: when the row or the scored tokens do not fit.
+    """
+    c = len(choices) if num_choices is None else int(num_choices)
+    if len(choices) > c or not prompt_ids:
+        raise ValueError(f"pack_choices: {len(choices)} choices for num_choices={c}, or no prompt.")
+    n_prompt = len(prompt_ids)
+    total = n_prompt + sum(len(x) for x in choices)
+    scored = sum(len(x) for x in choices)
+    if total > max_length or scored > num_targets:
+        raise ValueError(
+            f"pack_choices: the prompt ({n_prompt} tokens) and {len(choices)} choices need "
+            f"{total} positions and {scored} scored tokens; max_length={max_length}, "
+            f"num_targets={num_targets}."
+        )
+    tokens = np.full(max_length, pad_id, np.int32)
+    positions = np.zeros(max_length, np.int32)
+    segment = np.full(max_length, -2, np.int32)  # -1 prompt, k choice k, -2 padding
+    tokens[:n_prompt] = prompt_ids
+    positions[:n_prompt] = np.arange(n_prompt)
+    segment[:n_prompt] = -1
+    index = np.zeros(num_targets, np.int32)
+    ids = np.zeros(num_targets, np.int32)
+    weight = np.zeros(num_targets, np.float32)
+    which = np.zeros((num_targets, c), np.float32)
+    start, t = n_prompt, 0
+    for k, choice in enumerate(choices):
+        n = len(choice)
+        tokens[start : start + n] = choice
+        positions[start : start + n] = n_prompt + np.arange(n)
+        segment[start : start + n] = k
+        # token j of the choice is predicted at the prompt's last position (j = 0) or
+        # at the position of token j - 1 of the same choice
+        index[t : t + n] = [n_prompt - 1, *range(start, start + n - 1)]
+        ids[t : t + n] = choice
+        weight[t : t + n] = 1.0
+        which[t : t + n, k] = 1.0
+        start, t = start + n, t + n
+    row, col = segment[:, None], segment[None, :]
+    causal = np.tril(np.ones((max_length, max_length), bool))
+    mask = causal & (col != -2) & (row != -2) & ((col == -1) | (col == row))
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "attention_mask": mask,
+        "target_index": index,
+        "target_ids": ids,
+        "target_weight": weight,
+        "target_choice": which,
+    }

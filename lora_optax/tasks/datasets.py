@@ -165,6 +165,18 @@ def canonical_task(name: str) -> str:
     return _TASK_ALIASES.get(key, key)
 
 
+def packaged_data_dir() -> Path:
+    """The task data shipped inside the package, in the LLM-Adapters layout.
+
+    Holds ``openbookqa/`` only: the first 1000 train and 200 test questions of
+    OpenBookQA (Apache-2.0; attribution and licences in ``openbookqa/NOTICE.md``), for
+    the README's first run and the tests::
+
+        tasks.load_llm_adapters(tasks.packaged_data_dir(), "openbookqa", "test")
+    """
+    return Path(__file__).resolve().parent / "data"
+
+
 def default_data_dir() -> Path | None:
     """The LLM-Adapters data directory named by ``$LORA_OPTAX_DATA``, if it exists."""
     value = os.environ.get(DATA_ENV)
