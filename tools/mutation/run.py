@@ -51,6 +51,11 @@ MODULES: dict[str, list[str]] = {
         "tests/test_bad_input.py",
     ],
     "lora_optax/_src/lora_rite.py": ["tests/test_lora_rite.py", "tests/test_bad_input.py"],
+    "lora_optax/_src/pairwise.py": [
+        "tests/test_pairwise.py",
+        "tests/test_riemannian.py",
+        "tests/test_bad_input.py",
+    ],
 }
 
 # Replacing an arithmetic operator by a bitwise, shift, floor-division or modulo one
