@@ -533,16 +533,7 @@ def pick_best(grid: Sequence[Record]) -> Record | None:
 def next_rate(grid: Sequence[Record]) -> float | None:
     """One more grid step beyond the edge when the best rate is at an edge, else None."""
     best = pick_best(grid)
-    lrs = sorted({r.lr for r in grid})
-    if best is None or len(lrs) < 2:
-        return None
-    if best.lr == lrs[-1]:
-        nxt = lrs[-1] * lrs[-1] / lrs[-2]
-    elif best.lr == lrs[0]:
-        nxt = lrs[0] * lrs[0] / lrs[1]
-    else:
-        return None
-    return float(f"{nxt:.3g}")  # a clean float: --resume matches runs by lr
+    return None if best is None else base.edge_extension([r.lr for r in grid], best.lr)
 
 
 class Session:

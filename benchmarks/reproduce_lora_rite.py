@@ -847,15 +847,22 @@ def run_optimizer(runner, bundle, opt, data, rank, results, save) -> None:
 
 
 def _extension(grid_runs: Sequence[RunResult]) -> float | None:
-    """The next learning rate when the best one is at an edge of those tried: one more
-    grid step (the ratio of the two outermost points) beyond that edge; else None."""
+    """The next learning rate when the best one is at an edge of those tried (see
+    :func:`edge_extension`); else None."""
     best = pick_best(grid_runs)
-    lrs = sorted({r.lr for r in grid_runs})
-    if best is None or len(lrs) < 2:
+    return None if best is None else edge_extension([r.lr for r in grid_runs], best.lr)
+
+
+def edge_extension(tried: Sequence[float], best_lr: float) -> float | None:
+    """One more grid step (the ratio of the two outermost points) beyond the edge of
+    ``tried`` that ``best_lr`` sits on; None when it is inside or fewer than two were
+    tried."""
+    lrs = sorted(set(tried))
+    if len(lrs) < 2:
         return None
-    if best.lr == lrs[-1]:
+    if best_lr == lrs[-1]:
         nxt = lrs[-1] * lrs[-1] / lrs[-2]
-    elif best.lr == lrs[0]:
+    elif best_lr == lrs[0]:
         nxt = lrs[0] * lrs[0] / lrs[1]
     else:
         return None
