@@ -1,6 +1,8 @@
 """The packaged Gemma 3 270M: parity with transformers, LoRA, every optimizer training it.
 
-One float32 model is loaded per module (all tests here run in one xdist group); the
+One float32 model is loaded per run (session-scoped fixtures: under ``--dist load`` a
+worker may run other modules' tests in between, which would tear module fixtures down
+and load everything again; the suite's command uses ``--dist loadfile``); the
 transformers reference loads the same GGUF file (``Gemma3ForCausalLM.from_pretrained(
 folder, gguf_file=...)``). Token ids come from our tokenizer (checked against
 sentencepiece in test_sentencepiece_bpe.py): transformers' GGUF tokenizer conversion is
@@ -28,8 +30,6 @@ from lora_optax.flax import apply_lora, gemma, lora_pairs, make_eval_step, make_
 from lora_optax.flax.lora import pair_spec
 from tests.optimizer_cases import CASES, case_ids
 
-pytestmark = pytest.mark.xdist_group("gemma3")
-
 PROMPTS = [
     "The capital of France is",
     "Question: Which of these would let the most heat travel through?\nAnswer:",
@@ -38,17 +38,17 @@ PROMPTS = [
 GREEDY_PROMPT, GREEDY_TOKENS = "The capital of France is", 8
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gemma3():
     return gemma.load_gemma3()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def forward_loss():
     return make_eval_step(gemma.answer_loss)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def forward():
     return make_eval_step(lambda model, ids: model(*gemma.causal_inputs(ids))[0])
 
@@ -57,7 +57,7 @@ def _ids(tok, text):
     return np.array([[tok.bos_id, *tok.encode(text)]], np.int32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_reference(gemma3):
     """transformers' logits on PROMPTS and greedy tokens, from the same GGUF file."""
     pytest.importorskip("accelerate")
@@ -86,10 +86,17 @@ def hf_reference(gemma3):
 
 
 def test_logits_match_transformers(gemma3, forward, hf_reference):
+    """All prompts in one right-padded batch (one compile): pads are masked out of the
+    attention and do not shift positions, so each prompt's logits are its own."""
     model, tok = gemma3
-    for text in PROMPTS:
+    ids = [_ids(tok, text)[0] for text in PROMPTS]
+    batch = np.full((len(ids), max(map(len, ids))), tok.pad_id, np.int32)
+    for row, x in zip(batch, ids):
+        row[: len(x)] = x
+    logits = np.asarray(forward(model, batch))
+    for text, x, got in zip(PROMPTS, ids, logits):
         ref = hf_reference[text]
-        got = np.asarray(forward(model, _ids(tok, text)))[0]
+        got = got[: len(x)]
         rel = np.abs(got - ref).max() / np.abs(ref).max()
         assert rel <= 1e-4, (text, rel)
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
@@ -134,7 +141,7 @@ SWEEP_TARGETS = r"layers/1[67]/attn/(?:q_einsum|kv_einsum|attn_vec_einsum)"
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora_model(gemma3):
     base, tok = gemma3
     batch = _train_batch(tok)
@@ -210,8 +217,8 @@ def test_every_optimizer_trains_gemma3_with_make_train_step(lora_model, case):
 # Every optimizer x the PeftTrainer workflows (inject_hyperparams, checkpoints,
 # accumulation, resume, meshes) is tested on a qwix toy model in test_peft_trainer.py;
 # on the real model (a full-model compile per trainer) a representative pair:
-# LoRA-RITE in tunix's stock PeftTrainer on bf16 params (below) and SoLoRA in
-# LoRAPeftTrainer(full_grads=True) in float32.
+# LoRA-RITE in tunix's stock PeftTrainer and SoLoRA in LoRAPeftTrainer(full_grads=True);
+# bf16 LoRA params with inject_hyperparams get the hyperparam_dtype error.
 
 
 def _peft_loss(model, tokens, target_index, target_weight):
@@ -256,23 +263,45 @@ def test_solora_trains_gemma3_with_lora_peft_trainer(lora_model):
     _assert_trained_once_compiled(trainer, STEPS, compiles=2)
 
 
-def test_bf16_inject_hyperparams_under_peft_trainer(gemma3):
-    """On bf16 params, optax.inject_hyperparams stores b2 = 0.999 as bf16 1.0; our
-    optimizers refuse it (when the trainer is built, before any compile) with an
-    error naming the fix, and LoRA-RITE trains in tunix's stock PeftTrainer with it."""
+def test_lora_rite_trains_gemma3_in_stock_peft_trainer(lora_model):
+    """tunix's own PeftTrainer, optax.inject_hyperparams around LoRA-RITE."""
     from tunix.sft import peft_trainer
 
     import lora_optax
 
-    base, tok = gemma.load_gemma3(dtype=jnp.bfloat16)
-    batch = _train_batch(tok)
+    model, _, batch, init = lora_model
+    _reset(model, init)
+    config = peft_trainer.TrainingConfig(
+        eval_every_n_steps=10**6, max_steps=STEPS, pbar_description=None
+    )
+    tx = optax.inject_hyperparams(lora_optax.lora_rite)(learning_rate=1e-3, b2=0.999)
+    trainer = peft_trainer.PeftTrainer(model, tx, config).with_loss_fn(_peft_loss)
+    trainer.train([batch] * STEPS)
+    # compiles twice after the make_train_step sweep on the shared model, as the
+    # LoRAPeftTrainer test above (cause open); the toy-model workflows pin one compile
+    _assert_trained_once_compiled(trainer, STEPS, compiles=2)
+
+
+def test_bf16_lora_params_need_float32_hyperparams_under_peft_trainer(gemma3):
+    """On bf16 LoRA params, optax.inject_hyperparams stores b2 = 0.999 as bf16 1.0; our
+    optimizers refuse it when the trainer is built (before any compile) with an error
+    naming the fix, and accept ``hyperparam_dtype=jnp.float32``."""
+    from tunix.sft import peft_trainer
+
+    import lora_optax
+
+    base, tok = gemma3
     model = apply_lora(
         base,
         targets=SWEEP_TARGETS,
         rank=4,
         alpha=8,
-        model_inputs=gemma.causal_inputs(batch["tokens"][:1]),
+        model_inputs=gemma.causal_inputs(_ids(tok, "The")),
     )
+    lora = nnx.state(model, nnx.LoRAParam)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.to_pure_dict(lora))
+    lora.replace_by_pure_dict(bf16)
+    nnx.update(model, lora)
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))} == {
         jnp.dtype(jnp.bfloat16)
     }
@@ -285,6 +314,7 @@ def test_bf16_inject_hyperparams_under_peft_trainer(gemma3):
     fixed = optax.inject_hyperparams(lora_optax.lora_rite, hyperparam_dtype=jnp.float32)(
         learning_rate=1e-3, b2=0.999
     )
-    trainer = peft_trainer.PeftTrainer(model, fixed, config).with_loss_fn(_peft_loss)
-    trainer.train([batch] * STEPS)
-    _assert_trained_once_compiled(trainer, STEPS)
+    trainer = peft_trainer.PeftTrainer(model, fixed, config)
+    b2 = trainer.optimizer.opt_state.hyperparams["b2"]
+    b2 = jnp.asarray(getattr(b2, "value", b2))
+    assert b2.dtype == jnp.float32 and float(b2) == pytest.approx(0.999)

@@ -67,3 +67,23 @@ def test_gram_factor_pinv_drops_a_near_null_direction():
     np.testing.assert_allclose(
         rinv_ok.T @ np.diag([1.0, 1.0, 0.25]) @ rinv_ok, np.eye(3), atol=1e-6
     )
+
+
+def test_gram_factor_pinv_routes_give_their_own_factor(x64):
+    """A well-conditioned batch takes the Cholesky route, ``R⁺ = L⁻ᵀ`` (upper
+    triangular); a batch with one rank-deficient matrix takes the pseudo-inverse route
+    for every matrix, ``R⁺ = (K^½)⁺`` (symmetric). Both satisfy ``R⁺ᵀ K R⁺ = I`` on the
+    range, so only the factor itself tells the routes apart."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 7, 4))
+    k = np.einsum("bmi,bmj->bij", x, x)
+    chol = np.linalg.cholesky(k)
+    got = np.asarray(linalg.gram_factor_pinv(jnp.asarray(k)))
+    np.testing.assert_allclose(got, np.linalg.inv(np.swapaxes(chol, -1, -2)), rtol=1e-9, atol=1e-12)
+
+    singular = k.copy()
+    singular[1] = np.outer(x[1, 0], x[1, 0])  # rank 1
+    got = np.asarray(linalg.gram_factor_pinv(jnp.asarray(singular)))
+    lam, u = np.linalg.eigh(k[0])
+    np.testing.assert_allclose(got[0], (u / np.sqrt(lam)) @ u.T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(got[1], got[1].T, atol=1e-10)

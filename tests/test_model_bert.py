@@ -285,7 +285,7 @@ def test_loader_errors(tmp_path):
 PARAPHRASES = ["A cat is sitting on a rug.", "Stock markets fell sharply today."]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def minilm():
     """(files, tokenized batch of SENTENCES + PARAPHRASES, JAX embeddings of it)."""
     pytest.importorskip("tokenizers")

@@ -227,7 +227,7 @@ def _launch(out_dir: str) -> list[tuple[int, str]]:
     return results
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def worker_results():
     with tempfile.TemporaryDirectory() as out_dir:
         results = _launch(out_dir)

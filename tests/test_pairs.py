@@ -287,3 +287,62 @@ def test_explicit_pairs_address_variable_wrapped_and_pure_trees():
     optimizer.update(model, grads)
     wrapped = lox.resolve_pairs(pairs, nnx.state(model, nnx.LoRAParam))
     assert wrapped[0].a_path == ("lora", "lora_a", "value") and wrapped[0].scale == 0.5
+
+
+def test_pair_parent_is_the_longest_common_prefix():
+    from lora_optax._src.pairs import pair_parent
+
+    def parent(a, b):
+        return pair_parent(lox.LoRAPair(a, b, rank=2))
+
+    assert parent(("m", "attn", "a"), ("m", "attn", "b")) == ("m", "attn")
+    # the prefix ends at the first differing key, whatever their order or what follows
+    assert parent(("m", "z", "q", "a"), ("m", "b", "q", "b")) == ("m",)
+    assert parent(("x", "y", "z", "a", "k"), ("x", "w", "z", "b", "k")) == ("x",)
+    assert parent(("a",), ("b",)) == ()
+
+
+def test_batch_axes_must_agree_both_ways():
+    """Leading axes are batch axes only if they are equal in A and B (either larger)."""
+    for a, b in (((3, 8, 4), (2, 4, 10)), ((2, 8, 4), (3, 4, 10))):
+        with pytest.raises(ValueError):
+            infer_geometry(a, b, batch_ndim=1)
+    assert infer_geometry((3, 8, 4), (3, 4, 10), batch_ndim=1) == (4, 1, 1, 1)
+
+
+def test_label_tree_needs_both_factors_of_a_node():
+    tree = {"x": {"down": _z(8, 2), "up": _z(2, 6)}, "y": {"down": _z(8, 2), "up": _z(2, 6)}}
+    for labels in (
+        {"x": {"down": "a", "up": "b"}, "y": {"down": "a", "up": None}},  # no 'b'
+        {"x": {"down": "a", "up": "b"}, "y": {"down": None, "up": "b"}},  # no 'a'
+        {"x": {"down": "a", "up": "a"}, "y": {"down": "a", "up": "b"}},  # two 'a'
+    ):
+        with pytest.raises(ValueError, match=r"exactly one 'a' and one 'b'"):
+            lox.resolve_pairs(labels, tree)
+
+
+def test_tree_mismatch_errors_name_each_side():
+    from lora_optax._src.pairs import check_tree_match
+
+    params = {"w": _z(4, 3)}
+    with pytest.raises(ValueError, match=r"grads at w has shape \(4, 2\) but weights has shape"):
+        check_tree_match({"w": _z(4, 2)}, params, names=("grads", "weights"))
+    with pytest.raises(ValueError, match=r"grads has a leaf at v that weights lacks"):
+        check_tree_match({"w": _z(4, 3), "v": _z(2)}, params, names=("grads", "weights"))
+    with pytest.raises(ValueError, match=r"weights has a leaf at w that grads lacks"):
+        check_tree_match({}, params, names=("grads", "weights"))
+
+
+def test_no_public_parameter_is_positional_only():
+    """Every argument of the public functions can be passed by name (a ``/`` where a
+    ``*`` belongs would also make the keyword-only options positional)."""
+    import inspect
+
+    for name in lox.__all__:
+        obj = getattr(lox, name)
+        if not inspect.isfunction(obj):
+            continue
+        kinds = {p.name: p.kind for p in inspect.signature(obj).parameters.values()}
+        assert inspect.Parameter.POSITIONAL_ONLY not in kinds.values(), (name, kinds)
+    what = inspect.signature(lox.full_grad_for_pair).parameters["what"]
+    assert what.kind is inspect.Parameter.KEYWORD_ONLY

@@ -195,27 +195,6 @@ def _tx(case: OptimizerCase, model: nnx.Module, learning_rate: Any):
 # ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module only (repeated programs are free)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
 @functools.cache
 def _lora_model() -> nnx.Module:
     model = lf.apply_lora(
@@ -337,8 +316,10 @@ _RUNS: dict[tuple[str, str], Run] = {}
 _RUN_ROOT: list[Path] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _run_root(tmp_path_factory):
+    # session, not module: if a worker runs other modules' tests between two of these
+    # (xdist --dist load), a module fixture would be torn down with the memoised runs
     _RUN_ROOT.append(tmp_path_factory.mktemp("runs"))
     yield
     _RUNS.clear()

@@ -77,7 +77,7 @@ def _registry_reachable() -> tuple[bool, str]:
     return probe.returncode == 0, probe.stderr[-2000:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dists(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("build")
     src = tmp_path_factory.mktemp("src")

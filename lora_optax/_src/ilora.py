@@ -301,20 +301,12 @@ def pilora(
     0.001, 0.01, 10, 100, 10, 10, 1, 100). The paper gives no untuned πLoRA setting;
     tune ``λ`` over ``{1e-3, …, 1e2}`` as it does.
 
-    **Update order.** By default (``sequential=False``) both gradients are
-    preconditioned with the pre-step factors (simultaneous: the paper's equations, HF
-    PEFT). ``sequential=True`` is the order of the authors' own training loops (Zhang &
-    Pilanci's Mistral script, LoRA-One's code): ``A``'s whole step first (``g̃_A`` with
-    the current ``B``, the moments, bias correction as configured, learning rate and
-    weight decay), giving ``A⁺``; then ``g̃_B = (A⁺ᵀA⁺ + δI)⁻¹ g_B`` with that updated
-    ``A⁺``; then ``B``'s whole step. Weight decay then follows that code as well: it
-    is applied AFTER the step, to the stepped factor, ``p ← (p − η d)(1 − η·wd)``
-    (``d`` the Adam direction), while the simultaneous path is
-    :func:`optax.adamw`'s ``p ← p − η (d + wd·p)`` (decay of the pre-step factor); the
-    two placements differ by ``η²·wd·d``. The orders agree to first order in ``η``.
-    The imbalance step follows on the finished ``(A⁺, B⁺)`` in both orders. The state
-    is then a :class:`lora_optax.SequentialRiemannianState` (the Adam moments kept
-    separately for the ``A`` and the ``B`` factors).
+    **Update order.** ``sequential=False`` (default) preconditions both gradients with
+    the pre-step factors; ``sequential=True`` is the authors' order (``A``'s whole step,
+    then ``B`` preconditioned with the updated ``A``, decoupled weight decay after the
+    step), as described under :func:`lora_optax.scaled_adamw`; the state is then a
+    :class:`lora_optax.SequentialRiemannianState`. The imbalance step follows on the
+    finished ``(A⁺, B⁺)`` in both orders.
 
     Args:
       learning_rate: a float or an optax schedule (also scales the regularisation).

@@ -505,20 +505,12 @@ def lora_one(
     Pair it with :func:`lora_optax.spectral_init_pairs` for the initialisation; the
     optimizer itself works from any initialisation.
 
-    **Update order.** By default (``sequential=False``) both gradients are
-    preconditioned with the pre-step factors (simultaneous: the paper's equations, HF
-    PEFT). ``sequential=True`` is the order of the authors' own training loops (Zhang &
-    Pilanci's Mistral script, LoRA-One's code): ``A``'s whole step first (``g̃_A`` with
-    the current ``B``, the moments, bias correction as configured, learning rate and
-    weight decay), giving ``A⁺``; then ``g̃_B = (A⁺ᵀA⁺ + δI)⁻¹ g_B`` with that updated
-    ``A⁺``; then ``B``'s whole step. Weight decay then follows that code as well: it
-    is applied AFTER the step, to the stepped factor, ``p ← (p − η d)(1 − η·wd)``
-    (``d`` the Adam direction), while the simultaneous path is
-    :func:`optax.adamw`'s ``p ← p − η (d + wd·p)`` (decay of the pre-step factor); the
-    two placements differ by ``η²·wd·d``. The orders agree to first order in ``η``.
-    The state is then a :class:`lora_optax.SequentialRiemannianState` (the Adam
-    moments kept separately for the ``A`` and the ``B`` factors). With the defaults
-    (no bias correction, ``ε`` outside the root), ``sequential=True`` is the step of the
+    **Update order.** ``sequential=False`` (default) preconditions both gradients with
+    the pre-step factors; ``sequential=True`` is the authors' order (``A``'s whole step,
+    then ``B`` preconditioned with the updated ``A``, decoupled weight decay after the
+    step), as described under :func:`lora_optax.scaled_adamw`; the state is then a
+    :class:`lora_optax.SequentialRiemannianState`. With the defaults (no bias
+    correction, ``ε`` outside the root), ``sequential=True`` is the step of the
     authors' preconditioned AdamW as their code runs it.
 
     Args:

@@ -21,11 +21,13 @@ equivalent are listed, with the reason, in ``tools/mutation/equivalent.toml``.
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import hashlib
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -44,9 +46,11 @@ MODULES: dict[str, list[str]] = {
         "tests/test_riemannian.py",
         "tests/test_lora_rite.py",
         "tests/test_bad_input.py",
+        "tests/test_sharding.py",  # the r×r algebra's sharding rules
     ],
     "lora_optax/_src/riemannian.py": [
         "tests/test_riemannian.py",
+        "tests/test_sequential.py",
         "tests/test_lora_one.py",
         "tests/test_bad_input.py",
     ],
@@ -54,6 +58,7 @@ MODULES: dict[str, list[str]] = {
     "lora_optax/_src/pairwise.py": [
         "tests/test_pairwise.py",
         "tests/test_riemannian.py",
+        "tests/test_sequential.py",
         "tests/test_bad_input.py",
     ],
 }
@@ -64,6 +69,39 @@ MODULES: dict[str, list[str]] = {
 _ARITH = ("Add", "Sub", "Mul", "Div", "Pow")
 _NOISE = ("FloorDiv", "Mod", "LShift", "RShift", "BitOr", "BitAnd", "BitXor")
 EXCLUDED_OPERATORS = tuple(f"core/ReplaceBinaryOperator_{a}_{b}" for a in _ARITH for b in _NOISE)
+
+
+ANNOTATION = "in a type annotation, never evaluated (from __future__ import annotations)"
+
+
+def _annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions (line, column) of every annotation in ``source``, if the
+    module defers annotations; a mutant inside one cannot change behaviour."""
+    tree = ast.parse(source)
+    deferred = any(
+        isinstance(n, ast.ImportFrom)
+        and n.module == "__future__"
+        and any(a.name == "annotations" for a in n.names)
+        for n in tree.body
+    )
+    if not deferred:
+        return []
+    found: list[ast.expr] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            found.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns:
+            found.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+    return [
+        ((a.lineno, a.col_offset), (a.end_lineno or a.lineno, a.end_col_offset or 0)) for a in found
+    ]
+
+
+def _in_annotation(spans, item) -> bool:
+    pos = tuple(item.mutations[0].start_pos)
+    return any(start <= pos < end for start, end in spans)
 
 
 def _session_dir(workdir: Path, module: str) -> Path:
@@ -130,17 +168,30 @@ def _prepare(module: str, workdir: Path, args: argparse.Namespace) -> Path:
     rng = random.Random(f"{args.seed}:{module}")
     with use_db(str(db), WorkDB.Mode.open) as work_db:
         pending = list(work_db.pending_work_items)
+        spans = _annotation_spans((tree / module).read_text())
         kept = []
         for item in pending:
             op = item.mutations[0].operator_name
+            reason = None
             if op in EXCLUDED_OPERATORS:
                 reason = "excluded operator (type error on floats)"
+            elif _in_annotation(spans, item):
+                reason = ANNOTATION
+            if reason:
                 work_db.set_result(
                     item.job_id,
                     WorkResult(output=reason, worker_outcome=WorkerOutcome.SKIPPED),
                 )
             else:
                 kept.append(item)
+        # cosmic-ray lists pending items in random order: sort them so the seed decides
+        kept.sort(
+            key=lambda i: (
+                tuple(i.mutations[0].start_pos),
+                i.mutations[0].operator_name,
+                i.mutations[0].occurrence,
+            )
+        )
         sample = set(i.job_id for i in rng.sample(kept, min(args.sample, len(kept))))
         for item in kept:
             if item.job_id not in sample:
@@ -152,6 +203,29 @@ def _prepare(module: str, workdir: Path, args: argparse.Namespace) -> Path:
             f"{module}: {len(pending)} mutants, {len(kept)} after filtering, {len(sample)} sampled",
             flush=True,
         )
+    return sdir
+
+
+def _rerun_survivors(module: str, workdir: Path, args: argparse.Namespace) -> Path:
+    """Refreshes a finished session's tree (new tests) and queues its survivors again.
+
+    The mutants' positions are those of the module when the session was made, so the
+    module itself must not have changed since.
+    """
+    sdir = _session_dir(workdir, module)
+    tree, db = sdir / "tree", sdir / "session.sqlite"
+    if not db.exists():
+        sys.exit(f"{module}: no session under {sdir} to rerun; run without --rerun-survivors")
+    if (tree / module).read_text() != (ROOT / module).read_text():
+        sys.exit(
+            f"{module} changed since its session was made ({sdir}); its mutants are stale: "
+            "start it afresh (python tools/mutation/run.py --modules ...)"
+        )
+    _copy_tree(tree)
+    (sdir / "config.toml").write_text(_config(module, MODULES[module], args.timeout))
+    with sqlite3.connect(db) as con:
+        n = con.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+    print(f"{module}: {n} survivors queued again", flush=True)
     return sdir
 
 
@@ -199,6 +273,7 @@ def report(workdir: Path, out: Path, wall: dict[str, float]) -> str:
         if not db.exists():
             continue
         counts = dict(killed=0, survived=0, equivalent=0, incompetent=0, pending=0)
+        spans = _annotation_spans((_session_dir(workdir, module) / "tree" / module).read_text())
         with use_db(str(db), WorkDB.Mode.open) as work_db:
             results = dict(work_db.results)
             for item in work_db.work_items:
@@ -214,7 +289,9 @@ def report(workdir: Path, out: Path, wall: dict[str, float]) -> str:
                     counts["killed"] += 1
                 elif res.test_outcome == TestOutcome.SURVIVED:
                     mid = mutant_id(module, res.diff or "")
-                    why = equivalent.get(mid)
+                    why = equivalent.get(mid) or (
+                        ANNOTATION if _in_annotation(spans, item) else None
+                    )
                     counts["equivalent" if why else "survived"] += 1
                     survivors.append((module, mid, item, res.diff or "", why))
                 else:
@@ -270,13 +347,18 @@ def report(workdir: Path, out: Path, wall: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", nargs="*", default=list(MODULES))
-    parser.add_argument("--sample", type=int, default=60, help="mutants per module")
+    parser.add_argument("--sample", type=int, default=30, help="mutants per module")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="sessions run in parallel")
     parser.add_argument("--timeout", type=float, default=300.0, help="per mutant, seconds")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lora_optax_mutation"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/mutation.md")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="run the survivors of finished sessions again against the current tests",
+    )
     parser.add_argument("--report-only", action="store_true")
     global ARGS
     ARGS = args = parser.parse_args()
@@ -287,7 +369,8 @@ def main() -> None:
     wall: dict[str, float] = {}
     if not args.report_only:
         cache = args.workdir / "jax_cache"
-        sessions = {m: _prepare(m, args.workdir, args) for m in args.modules}
+        setup = _rerun_survivors if args.rerun_survivors else _prepare
+        sessions = {m: setup(m, args.workdir, args) for m in args.modules}
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {pool.submit(_execute, s, cache): m for m, s in sessions.items()}
             for fut in concurrent.futures.as_completed(futures):
