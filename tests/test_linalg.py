@@ -87,3 +87,28 @@ def test_gram_factor_pinv_routes_give_their_own_factor(x64):
     lam, u = np.linalg.eigh(k[0])
     np.testing.assert_allclose(got[0], (u / np.sqrt(lam)) @ u.T, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(got[1], got[1].T, atol=1e-10)
+
+
+def test_matrix_views_keep_the_rank_axis_sharding_when_merging_gathers():
+    """Under an explicit mesh, merging B's out axes (4, 2, 6) -> (4, 12) with the minor
+    one sharded must gather the merged axis but keep the rank axis' sharding (and A's
+    in-axes merge keeps the batch axes); only the merged axes become replicated."""
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import lora_optax as lox
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    pair = lox.LoRAPair(("w", "a"), ("w", "b"), rank=4)
+    with jax.set_mesh(mesh):
+        b = jax.device_put(jnp.ones((4, 2, 6)), NamedSharding(mesh, P("data", None, "model")))
+        b_m = linalg.b_matrix(pair, b)
+        assert b_m.shape == (4, 12) and tuple(b_m.sharding.spec)[:1] == ("data",)
+        stacked = lox.LoRAPair(("w", "a"), ("w", "b"), rank=4, batch_ndim=1)
+        a = jax.device_put(jnp.ones((4, 3, 2, 4)), NamedSharding(mesh, P("data", None, "model")))
+        a_m = linalg.a_matrix(stacked, a)
+        assert a_m.shape == (4, 6, 4) and tuple(a_m.sharding.spec)[:1] == ("data",)
+        np.testing.assert_array_equal(np.asarray(b_m), 1.0)

@@ -587,3 +587,13 @@ def test_property_finite_and_invariant(shape, b_scale, g_scale, rank_deficient, 
             deltas.append(np.asarray(new["lora_a"] @ new["lora_b"] - p["lora_a"] @ p["lora_b"]))
         scale = np.abs(deltas[0]).max()
         np.testing.assert_allclose(deltas[1], deltas[0], atol=1e-7 * scale + 1e-12)
+
+
+def test_factor_state_needs_exactly_one_lora_rite_state():
+    params = {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 5))}
+    other = optax.adam(1e-3).init(params)  # no LoRA-RITE state at all
+    with pytest.raises(ValueError, match=r"exactly one ScaleByLoRARiteState .* found 0"):
+        lox.lora_rite_factor_state(other, params)
+    rite = lox.scale_by_lora_rite().init(params)
+    with pytest.raises(ValueError, match=r"found 2"):
+        lox.lora_rite_factor_state((rite, rite), params)

@@ -273,3 +273,28 @@ def test_damping_floor_dominates_in_float32():
     want = g_a.astype(np.float64) @ np.linalg.inv(k_b + damp * np.eye(r))
     err = np.linalg.norm(np.asarray(out["lora_a"], np.float64) - want) / np.linalg.norm(want)
     assert err < 1e-4, err
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: lox.scale_by_riemannian_preconditioner(**kw),
+        lambda **kw: lox.scaled_sgd(0.1, **kw),
+        lambda **kw: lox.scaled_adamw(0.1, **kw),
+    ],
+    ids=["scale_by", "scaled_sgd", "scaled_adamw"],
+)
+def test_default_damping_is_1e_6(make):
+    """The documented default δ = 1e-6, checked on factors small enough (‖B‖ ~ 1e-3,
+    BBᵀ ~ 1e-6) for δ to change the step."""
+    rng = np.random.default_rng(0)
+    params = {"lora_a": jnp.asarray(rng.normal(size=(8, 2))), "lora_b": 1e-3 * jnp.ones((2, 6))}
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+
+    def update(**kw):
+        tx = make(**kw)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    default, explicit, other = update(), update(delta=1e-6), update(delta=1e-3)
+    jax.tree.map(np.testing.assert_array_equal, default, explicit)
+    assert not np.allclose(default["lora_a"], other["lora_a"], rtol=1e-3)
