@@ -61,6 +61,12 @@ def test_gram_factor_pinv_drops_a_near_null_direction():
     k = jnp.diag(jnp.asarray([1.0, 1.0, 2.5 * eps], jnp.float32))
     rinv = np.asarray(linalg.gram_factor_pinv(k), np.float64)
     assert np.linalg.norm(rinv, 2) <= 1.0 + 1e-6
+    # the pseudo-inverse's cut is relative to the largest eigenvalue: the same at any scale
+    scaled = np.asarray(linalg.gram_factor_pinv(1e4 * k), np.float64)
+    assert np.linalg.norm(scaled, 2) <= 1e-2 + 1e-8
+    # the threshold's r is the matrix size, also with several batch axes
+    batched = np.asarray(linalg.gram_factor_pinv(jnp.broadcast_to(k, (2, 1, 3, 3))), np.float64)
+    assert np.linalg.norm(batched, 2, axis=(-2, -1)).max() <= 1.0 + 1e-6
     # A well-conditioned K keeps every direction: R⁺ is a true inverse factor.
     k_ok = jnp.diag(jnp.asarray([1.0, 1.0, 0.25], jnp.float32))
     rinv_ok = np.asarray(linalg.gram_factor_pinv(k_ok), np.float64)
@@ -112,3 +118,21 @@ def test_matrix_views_keep_the_rank_axis_sharding_when_merging_gathers():
         a_m = linalg.a_matrix(stacked, a)
         assert a_m.shape == (4, 6, 4) and tuple(a_m.sharding.spec)[:1] == ("data",)
         np.testing.assert_array_equal(np.asarray(b_m), 1.0)
+
+
+def test_full_grad_matrix_takes_kernel_and_matrix_forms():
+    """A multi-axis pair (A (2, 3, r), B (r, 5, 4)): kernel form (2, 3, 5, 4) and matrix
+    form (6, 20) give the same (6, 20) view; stacked (batch 1) likewise."""
+    import lora_optax as lox
+
+    rng = np.random.default_rng(0)
+    pair = lox.make_pair(("w", "a"), ("w", "b"), (2, 3, 4), (4, 5, 4))
+    kernel = jnp.asarray(rng.normal(size=(2, 3, 5, 4)))
+    matrix = kernel.reshape(6, 20)
+    np.testing.assert_array_equal(linalg.full_grad_matrix(pair, kernel), matrix)
+    np.testing.assert_array_equal(linalg.full_grad_matrix(pair, matrix), matrix)
+    stacked = lox.make_pair(("w", "a"), ("w", "b"), (7, 2, 3, 4), (7, 4, 5, 4), batch_ndim=1)
+    kernel = jnp.asarray(rng.normal(size=(7, 2, 3, 5, 4)))
+    matrix = kernel.reshape(7, 6, 20)
+    np.testing.assert_array_equal(linalg.full_grad_matrix(stacked, kernel), matrix)
+    np.testing.assert_array_equal(linalg.full_grad_matrix(stacked, matrix), matrix)
