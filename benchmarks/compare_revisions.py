@@ -42,14 +42,19 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from optimizer_overhead import _copy, _tree_bytes, gemma_lora_tree, random_full_grads
+from optimizer_overhead import (
+    _copy,
+    _tree_bytes,
+    gemma_lora_tree,
+    needs_full_grads,
+    random_full_grads,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LR = 1e-4
 # current registry name -> the name an older revision exported it under
 OLD_NAMES = {"lora_pro_adamw": "lora_pro"}
 BASELINES = ("adamw", "sgd", "lamb")
-NEEDS_FULL_GRADS = {"solora_sgd", "solora_adamw", "lora_pro_adamw", "lora_pro_sgd"}
 
 
 def extract(rev: str, alias: str, into: pathlib.Path) -> tuple[str, Any]:
@@ -133,7 +138,7 @@ def main() -> None:
                     print(f"{commit}: no {name}", file=sys.stderr)
                     continue
                 tx = make(LR)
-                with_full = name in NEEDS_FULL_GRADS
+                with_full = needs_full_grads(name)  # per the current registry
                 state = tx.init(params)
                 step = make_step(tx, with_full)
                 extra = (full,) if with_full else ()
