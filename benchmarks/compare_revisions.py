@@ -44,6 +44,8 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 from optimizer_overhead import (
     _copy,
+    _make_step,
+    _rounds,
     _tree_bytes,
     gemma_lora_tree,
     needs_full_grads,
@@ -99,15 +101,6 @@ def factory(module: Any, name: str):
     return None
 
 
-def make_step(tx, with_full_grads: bool):
-    def step(params, state, grads, *full):
-        kwargs = {"full_grads": full[0]} if with_full_grads else {}
-        updates, state = tx.update(grads, state, params, **kwargs)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("revisions", nargs="+", help="git revisions; the first is the base")
@@ -140,7 +133,7 @@ def main() -> None:
                 tx = make(LR)
                 with_full = needs_full_grads(name)  # per the current registry
                 state = tx.init(params)
-                step = make_step(tx, with_full)
+                step = jax.jit(_make_step(tx, with_full), donate_argnums=(0, 1))
                 extra = (full,) if with_full else ()
                 compiled = step.lower(params, state, grads, *extra).compile()
                 runs[(name, i)] = {
@@ -152,16 +145,15 @@ def main() -> None:
                     "times": [],
                 }
             print(f"[{time.strftime('%H:%M:%S')}] compiled {name}", file=sys.stderr, flush=True)
-        keys = list(runs)
-        for round_ in range(args.warmup + args.repeats):
-            for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
+        for timed, order in _rounds(list(runs), args.warmup, args.repeats):
+            for key in order:
                 run = runs[key]
                 t0 = time.perf_counter()
                 run["params"], run["state"] = run["step"](
                     run["params"], run["state"], grads, *run["extra"]
                 )
                 jax.block_until_ready(run["params"])
-                if round_ >= args.warmup:
+                if timed:
                     run["times"].append(time.perf_counter() - t0)
         load_after = os.getloadavg()
 
