@@ -258,8 +258,8 @@ def test_solora_trains_gemma3_with_lora_peft_trainer(lora_model):
     trainer = LoRAPeftTrainer(model, tx, config, full_grads=True).with_loss_fn(_peft_loss)
     trainer.train([batch] * STEPS)
     # Alone this test compiles the step once; after the make_train_step sweep on the
-    # same module-scoped model it compiled twice (CI run of 2026-12-02; cause not found
-    # yet). The toy-model workflows of test_peft_trainer.py pin one compile.
+    # same shared model it compiled twice (CI run of 2026-12-02; cause not found yet).
+    # The toy-model workflows of test_peft_trainer.py pin one compile.
     _assert_trained_once_compiled(trainer, STEPS, compiles=2)
 
 

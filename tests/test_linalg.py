@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import lora_optax as lox
 from lora_optax._src import linalg
 
 
@@ -99,12 +103,6 @@ def test_matrix_views_keep_the_rank_axis_sharding_when_merging_gathers():
     """Under an explicit mesh, merging B's out axes (4, 2, 6) -> (4, 12) with the minor
     one sharded must gather the merged axis but keep the rank axis' sharding (and A's
     in-axes merge keeps the batch axes); only the merged axes become replicated."""
-    import jax
-    from jax.sharding import AxisType, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import lora_optax as lox
-
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
@@ -123,8 +121,6 @@ def test_matrix_views_keep_the_rank_axis_sharding_when_merging_gathers():
 def test_full_grad_matrix_takes_kernel_and_matrix_forms():
     """A multi-axis pair (A (2, 3, r), B (r, 5, 4)): kernel form (2, 3, 5, 4) and matrix
     form (6, 20) give the same (6, 20) view; stacked (batch 1) likewise."""
-    import lora_optax as lox
-
     rng = np.random.default_rng(0)
     pair = lox.make_pair(("w", "a"), ("w", "b"), (2, 3, 4), (4, 5, 4))
     kernel = jnp.asarray(rng.normal(size=(2, 3, 5, 4)))
