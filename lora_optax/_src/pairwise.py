@@ -542,7 +542,7 @@ def check_adamw_hyperparams(
 
 
 def decay_and_learning_rate(
-    learning_rate: base.ScalarOrSchedule, weight_decay: Any = 0.0, mask: Any = None
+    learning_rate: base.ScalarOrSchedule, weight_decay: Any, mask: Any
 ) -> optax.GradientTransformation:
     """Decoupled weight decay (multiplied by the learning rate) then ``-η``: what
     :func:`optax.adamw` puts after its scaling, for methods with their own direction."""
