@@ -346,3 +346,42 @@ def test_no_public_parameter_is_positional_only():
         assert inspect.Parameter.POSITIONAL_ONLY not in kinds.values(), (name, kinds)
     what = inspect.signature(lox.full_grad_for_pair).parameters["what"]
     assert what.kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_pair_parent_of_factors_differing_at_the_root():
+    from lora_optax._src.pairs import pair_parent
+
+    pair = lox.LoRAPair(("p", "q", "a"), ("r", "q", "b"), rank=2)
+    assert pair_parent(pair) == ()  # the common "q" after a difference is no prefix
+
+
+def test_per_pair_options_match_exact_paths_before_patterns():
+    """A mapping key is an exact path (a tuple or a path string, regex metacharacters
+    and all) or else a regular expression over the path string."""
+    tree = {
+        "q+k": {"lora_a": _z(8, 2), "lora_b": _z(2, 8)},
+        "v": {"lora_a": _z(8, 2), "lora_b": _z(2, 8)},
+        "o": {"lora_a": _z(8, 2), "lora_b": _z(2, 8)},
+    }
+    scale = {"q+k/lora_a": 2.0, ("v", "lora_a"): 3.0, "o/.*": 4.0}
+    got = {p.name: p.scale for p in lox.find_lora_pairs(tree, scale=scale)}
+    assert got == {"q+k/lora_a": 2.0, "v/lora_a": 3.0, "o/lora_a": 4.0}
+
+
+def test_one_dimensional_factor_errors():
+    # A's last axis is its rank; a B without an axis of that size is a rank mismatch
+    with pytest.raises(ValueError, match="ranks disagree"):
+        lox.make_pair(("blk", "lora_a"), ("blk", "lora_b"), (3,), (4, 5))
+    # a 1-D A is no transposed PEFT pair: no hint about the PEFT layout
+    with pytest.raises(ValueError, match="Cannot decide the orientation") as err:
+        lox.make_pair(("blk", "lora_a"), ("blk", "lora_b"), (4,), (2, 4))
+    assert "transposed" not in str(err.value)
+
+
+def test_tree_mismatch_error_counts_the_other_missing_leaves():
+    from lora_optax._src.pairs import check_tree_match
+
+    params = {"w": _z(4, 3)}
+    extra = {"w": _z(4, 3), "u": _z(2), "v": _z(2), "x": _z(2)}
+    with pytest.raises(ValueError, match=r"leaf at u \(and 2 more\) that weights lacks"):
+        check_tree_match(extra, params, names=("grads", "weights"))
