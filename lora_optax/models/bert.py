@@ -366,7 +366,34 @@ def _check_encoder(config: BertConfig, encoder: BertEncoder | None, rngs: nnx.Rn
     return encoder
 
 
-class BertForSequenceClassification(nnx.Module):
+class _PooledHead(nnx.Module):
+    """Encoder ``bert`` + dropout + linear ``classifier`` on the pooled representation."""
+
+    def __init__(
+        self,
+        config: BertConfig,
+        num_outputs: int,
+        rngs: nnx.Rngs,
+        pooling: Pooling,
+        encoder: BertEncoder | None,
+    ) -> None:
+        self.bert = _check_encoder(config, encoder, rngs)
+        self.pooling = pooling
+        self.dropout = _dropout(config.hidden_dropout_prob, rngs)
+        self.classifier = _linear(config.hidden_size, num_outputs, config, rngs)
+
+    def _logits(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        token_type_ids: jax.Array | None,
+    ) -> jax.Array:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        pooled = self.bert.pool(hidden, attention_mask, self.pooling)
+        return self.classifier(self.dropout(pooled))
+
+
+class BertForSequenceClassification(_PooledHead):
     """Encoder ``bert`` + dropout + linear ``classifier`` on the pooled representation.
 
     ``__call__(input_ids (B, L), ...) -> logits (B, num_labels)``. ``pooling`` is one of
@@ -384,10 +411,7 @@ class BertForSequenceClassification(nnx.Module):
         pooling: Pooling = "mean",
         encoder: BertEncoder | None = None,
     ) -> None:
-        self.bert = _check_encoder(config, encoder, rngs)
-        self.pooling = pooling
-        self.dropout = _dropout(config.hidden_dropout_prob, rngs)
-        self.classifier = _linear(config.hidden_size, num_labels, config, rngs)
+        super().__init__(config, num_labels, rngs, pooling, encoder)
 
     def __call__(
         self,
@@ -395,12 +419,10 @@ class BertForSequenceClassification(nnx.Module):
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
     ) -> jax.Array:
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
-        pooled = self.bert.pool(hidden, attention_mask, self.pooling)
-        return self.classifier(self.dropout(pooled))
+        return self._logits(input_ids, attention_mask, token_type_ids)
 
 
-class BertForMultipleChoice(nnx.Module):
+class BertForMultipleChoice(_PooledHead):
     """Scores each (question, choice) pair with a linear head on the pooled representation.
 
     Inputs are ``(B, C, L)`` (C choices, each tokenised as the pair ``question [SEP] choice``,
@@ -417,10 +439,7 @@ class BertForMultipleChoice(nnx.Module):
         pooling: Pooling = "mean",
         encoder: BertEncoder | None = None,
     ) -> None:
-        self.bert = _check_encoder(config, encoder, rngs)
-        self.pooling = pooling
-        self.dropout = _dropout(config.hidden_dropout_prob, rngs)
-        self.classifier = _linear(config.hidden_size, 1, config, rngs)
+        super().__init__(config, 1, rngs, pooling, encoder)
 
     def __call__(
         self,
@@ -433,11 +452,9 @@ class BertForMultipleChoice(nnx.Module):
         def flat(x: jax.Array | None) -> jax.Array | None:
             return None if x is None else x.reshape(b * c, length)
 
-        hidden = self.bert(
-            input_ids.reshape(b * c, length), flat(attention_mask), flat(token_type_ids)
-        )
-        pooled = self.bert.pool(hidden, flat(attention_mask), self.pooling)
-        return self.classifier(self.dropout(pooled)).reshape(b, c)
+        ids = input_ids.reshape(b * c, length)
+        logits = self._logits(ids, flat(attention_mask), flat(token_type_ids))
+        return logits.reshape(b, c)
 
 
 # ----------------------------------------------------------------------------- loading
