@@ -57,19 +57,26 @@ def _assert_finite(tree):
         assert np.all(np.isfinite(np.asarray(leaf, np.float64))), leaf
 
 
+def _assert_dtypes_and_state_kept(params, new_params, history, state0, state):
+    """Updates and parameters keep the parameters' dtypes; the state keeps its
+    structure, dtypes and shapes; everything is finite."""
+    for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(history[-1])):
+        assert u.dtype == p.dtype
+    for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(new_params)):
+        assert q.dtype == p.dtype
+    assert jax.tree.structure(state0) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state)):
+        assert jnp.asarray(a).dtype == jnp.asarray(b).dtype
+        assert jnp.shape(a) == jnp.shape(b)
+    _assert_finite(history)
+    _assert_finite(state)
+
+
 @PARAMETRIZE
-def test_jit_matches_eager(case, problem):
+def test_jit_matches_eager_without_recompiling(case, problem):
+    """Three jitted steps equal three eager ones, trace and compile once, and keep the
+    float32 dtypes and the state layout (bf16: test_bf16_dtypes_preserved)."""
     params = problem.random_params()
-    tx = case.make(learning_rate=case.learning_rate)
-    p_jit, s_jit, h_jit = _run(case, tx, problem, params, 3, jit=True)
-    p_eager, _s_eager, h_eager = _run(case, tx, problem, params, 3, jit=False)
-    _assert_trees_close(h_jit, h_eager)
-    _assert_trees_close(p_jit, p_eager)
-    _assert_finite(s_jit)
-
-
-@PARAMETRIZE
-def test_no_recompilation(case, problem):
     tx = case.make(learning_rate=case.learning_rate)
     traces = []
 
@@ -78,12 +85,17 @@ def test_no_recompilation(case, problem):
         return _step_fn(case, tx, problem)(params, state)
 
     step_jit = jax.jit(step)
-    params = problem.init_params()
-    state = tx.init(params)
+    state0 = state = tx.init(params)
+    p_jit, h_jit = params, []
     for _ in range(3):
-        params, state, _ = step_jit(params, state)
+        p_jit, state, updates = step_jit(p_jit, state)
+        h_jit.append(updates)
     assert len(traces) == 1
     assert step_jit._cache_size() == 1
+    p_eager, _s_eager, h_eager = _run(case, tx, problem, params, 3, jit=False)
+    _assert_trees_close(h_jit, h_eager)
+    _assert_trees_close(p_jit, p_eager)
+    _assert_dtypes_and_state_kept(params, p_jit, h_jit, state0, state)
 
 
 @PARAMETRIZE
@@ -122,22 +134,12 @@ def test_inject_hyperparams(case, problem):
 
 
 @PARAMETRIZE
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_dtypes_preserved(case, problem, dtype):
-    params = problem.random_params(dtype=dtype)
+def test_bf16_dtypes_preserved(case, problem):
+    params = problem.random_params(dtype=jnp.bfloat16)
     tx = case.make(learning_rate=case.learning_rate)
     state0 = tx.init(params)
     new_params, state, history = _run(case, tx, problem, params, 3)
-    for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(history[-1])):
-        assert u.dtype == p.dtype
-    for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(new_params)):
-        assert q.dtype == p.dtype
-    assert jax.tree.structure(state0) == jax.tree.structure(state)
-    for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state)):
-        assert jnp.asarray(a).dtype == jnp.asarray(b).dtype
-        assert jnp.shape(a) == jnp.shape(b)
-    _assert_finite(history)
-    _assert_finite(state)
+    _assert_dtypes_and_state_kept(params, new_params, history, state0, state)
 
 
 @PARAMETRIZE
@@ -282,7 +284,8 @@ def _check_sharding_stable(case, problem, mesh):
             if b.ndim:
                 assert b.sharding.is_equivalent_to(c.sharding, b.ndim), (b.sharding, c.sharding)
     # The sharded result equals the single-device one (jitted: eager dispatch of every op
-    # is slow and is already compared with jit above and in test_jit_matches_eager).
+    # is slow and is already compared with jit above and in
+    # test_jit_matches_eager_without_recompiling).
     _, s_single = jax.jit(tx.update)(
         *jax.device_get((grads, tx.init(jax.device_get(params)), jax.device_get(params))),
         **jax.device_get(kwargs),
