@@ -189,6 +189,77 @@ def test_gemma3_lora_presets(gemma3):
 _FULL_GRAD_LR = 1e-4
 
 
+# ----------------------------------------------------------------------- PeftTrainer
+#
+# Every optimizer x the PeftTrainer workflows (inject_hyperparams, checkpoints,
+# accumulation, resume, meshes) is tested on a qwix toy model in test_peft_trainer.py;
+# on the real model (a full-model compile per trainer) a representative pair:
+# LoRA-RITE in tunix's stock PeftTrainer and SoLoRA in LoRAPeftTrainer(full_grads=True);
+# bf16 LoRA params with inject_hyperparams get the hyperparam_dtype error. Both trainers
+# run before the make_train_step sweep: that commits the shared model's arrays, and
+# tunix's stock trainer then compiles its step twice (a fresh optimizer state is not
+# committed; LoRAPeftTrainer commits both, test_peft_trainer.py pins that).
+
+
+def _peft_loss(model, tokens, target_index, target_weight):
+    batch = {"tokens": tokens, "target_index": target_index, "target_weight": target_weight}
+    return gemma.answer_loss(model, batch)
+
+
+def _train_losses(trainer):
+    logger = trainer.metrics_logger
+    if not logger.metric_exists("", "loss", "train"):
+        return []
+    return [float(x) for x in logger.get_metric_history("", "loss", "train")]
+
+
+def _assert_trained_once_compiled(trainer, steps):
+    losses = _train_losses(trainer)
+    assert len(losses) == steps and all(np.isfinite(losses)), losses
+    assert losses[-1] < losses[0], losses
+    # the optimizer state keeps its structure, dtypes and shardings across steps
+    cache = trainer._jitted_train_step_fn.func.jitted_fn._cache_size()
+    assert cache == 1, f"the PeftTrainer step compiled {cache} times"
+
+
+def test_lora_rite_trains_gemma3_in_stock_peft_trainer(lora_model):
+    """tunix's own PeftTrainer, optax.inject_hyperparams around LoRA-RITE."""
+    from tunix.sft import peft_trainer
+
+    import lora_optax
+
+    model, _, batch, init = lora_model
+    _reset(model, init)
+    config = peft_trainer.TrainingConfig(
+        eval_every_n_steps=10**6, max_steps=STEPS, pbar_description=None
+    )
+    tx = optax.inject_hyperparams(lora_optax.lora_rite)(learning_rate=1e-3, b2=0.999)
+    trainer = peft_trainer.PeftTrainer(model, tx, config).with_loss_fn(_peft_loss)
+    trainer.train([batch] * STEPS)
+    _assert_trained_once_compiled(trainer, STEPS)
+
+
+def test_solora_trains_gemma3_with_lora_peft_trainer(lora_model):
+    """SoLoRA needs full_grads=: LoRAPeftTrainer(full_grads=True) on the real model."""
+    from tunix.sft import peft_trainer
+
+    import lora_optax
+    from lora_optax.flax import LoRAPeftTrainer
+
+    model, _, batch, init = lora_model
+    _reset(model, init)
+    config = peft_trainer.TrainingConfig(
+        eval_every_n_steps=10**6, max_steps=STEPS, pbar_description=None
+    )
+    tx = lora_optax.solora_adamw(_FULL_GRAD_LR, pairs=pair_spec(model))
+    trainer = LoRAPeftTrainer(model, tx, config, full_grads=True).with_loss_fn(_peft_loss)
+    trainer.train([batch] * STEPS)
+    _assert_trained_once_compiled(trainer, STEPS)
+
+
+# ------------------------------------------------------------- make_train_step
+
+
 def _lr(case):
     # The common table's rates are tuned for small test problems (SGD variants up to 0.5);
     # on the pretrained LM 1e-3 (at most) makes a few steps descend.
@@ -210,76 +281,6 @@ def test_every_optimizer_trains_gemma3_with_make_train_step(lora_model, case):
     # methods then oscillate (LoRA-Pro AdamW at 1e-4: 5.57 -> 1.13 -> 5.28 -> 6.54), so
     # "the loss falls" is checked as the best loss after the start.
     assert min(losses[1:]) < losses[0], losses
-
-
-# ----------------------------------------------------------------------- PeftTrainer
-#
-# Every optimizer x the PeftTrainer workflows (inject_hyperparams, checkpoints,
-# accumulation, resume, meshes) is tested on a qwix toy model in test_peft_trainer.py;
-# on the real model (a full-model compile per trainer) a representative pair:
-# LoRA-RITE in tunix's stock PeftTrainer and SoLoRA in LoRAPeftTrainer(full_grads=True);
-# bf16 LoRA params with inject_hyperparams get the hyperparam_dtype error.
-
-
-def _peft_loss(model, tokens, target_index, target_weight):
-    batch = {"tokens": tokens, "target_index": target_index, "target_weight": target_weight}
-    return gemma.answer_loss(model, batch)
-
-
-def _train_losses(trainer):
-    logger = trainer.metrics_logger
-    if not logger.metric_exists("", "loss", "train"):
-        return []
-    return [float(x) for x in logger.get_metric_history("", "loss", "train")]
-
-
-def _assert_trained_once_compiled(trainer, steps, *, compiles=1):
-    losses = _train_losses(trainer)
-    assert len(losses) == steps and all(np.isfinite(losses)), losses
-    assert losses[-1] < losses[0], losses
-    # the optimizer state keeps its structure, dtypes and shardings across steps
-    cache = trainer._jitted_train_step_fn.func.jitted_fn._cache_size()
-    assert cache <= compiles, f"the PeftTrainer step compiled {cache} times"
-
-
-def test_solora_trains_gemma3_with_lora_peft_trainer(lora_model):
-    """SoLoRA needs full_grads=: LoRAPeftTrainer(full_grads=True) on the real model."""
-    from tunix.sft import peft_trainer
-
-    import lora_optax
-    from lora_optax.flax import LoRAPeftTrainer
-
-    model, _, batch, init = lora_model
-    _reset(model, init)
-    config = peft_trainer.TrainingConfig(
-        eval_every_n_steps=10**6, max_steps=STEPS, pbar_description=None
-    )
-    tx = lora_optax.solora_adamw(_FULL_GRAD_LR, pairs=pair_spec(model))
-    trainer = LoRAPeftTrainer(model, tx, config, full_grads=True).with_loss_fn(_peft_loss)
-    trainer.train([batch] * STEPS)
-    # Alone this test compiles the step once; after the make_train_step sweep on the
-    # same shared model it compiled twice (CI run of 2026-12-02; cause not found yet).
-    # The toy-model workflows of test_peft_trainer.py pin one compile.
-    _assert_trained_once_compiled(trainer, STEPS, compiles=2)
-
-
-def test_lora_rite_trains_gemma3_in_stock_peft_trainer(lora_model):
-    """tunix's own PeftTrainer, optax.inject_hyperparams around LoRA-RITE."""
-    from tunix.sft import peft_trainer
-
-    import lora_optax
-
-    model, _, batch, init = lora_model
-    _reset(model, init)
-    config = peft_trainer.TrainingConfig(
-        eval_every_n_steps=10**6, max_steps=STEPS, pbar_description=None
-    )
-    tx = optax.inject_hyperparams(lora_optax.lora_rite)(learning_rate=1e-3, b2=0.999)
-    trainer = peft_trainer.PeftTrainer(model, tx, config).with_loss_fn(_peft_loss)
-    trainer.train([batch] * STEPS)
-    # compiles twice after the make_train_step sweep on the shared model, as the
-    # LoRAPeftTrainer test above (cause open); the toy-model workflows pin one compile
-    _assert_trained_once_compiled(trainer, STEPS, compiles=2)
 
 
 def test_bf16_lora_params_need_float32_hyperparams_under_peft_trainer(gemma3):

@@ -534,6 +534,24 @@ def test_known_failures_name_real_cases():
         assert name in names and workflow in WORKFLOWS, (name, workflow)
 
 
+def test_lora_peft_trainer_compiles_once_beside_a_committed_model():
+    """A model whose arrays are committed (as after make_train_step or a device_put)
+    with a fresh, uncommitted optimizer state: tunix's trainer compiles its step a
+    second time at the second step; LoRAPeftTrainer commits the state first."""
+    case = next(c for c in ALL_CASES if c.name == "scaled_adamw")
+    model = _fresh_model(case)
+    state = nnx.as_pure(nnx.state(model))
+    nnx.update(model, jax.tree.map(lambda x: jax.device_put(x, x.sharding), state))
+    config = peft_trainer.TrainingConfig(
+        eval_every_n_steps=1000, max_steps=STEPS, pbar_description=None
+    )
+    trainer = lf.LoRAPeftTrainer(model, _tx(case, model, case.learning_rate), config)
+    trainer.with_gen_model_input_fn(_gen_model_input).train(FULL_BATCHES[:STEPS])
+    assert trainer.train_steps == STEPS
+    compiled = trainer._jitted_train_step_fn.func.jitted_fn._cache_size()
+    assert compiled == 1, f"the train step compiled {compiled} times in {STEPS} steps"
+
+
 # ---------------------------------------------------------------------------------
 # LoRAPeftTrainer's full-weight gradients, LoRA-One's init
 # ---------------------------------------------------------------------------------

@@ -299,12 +299,13 @@ def _replicate_stragglers(node: Any, mesh: Any) -> None:
     nnx.update(node, jax.tree.map(put, nnx.as_pure(state)))
 
 
-def _commit(graph: Any) -> None:
-    """Commits every array to its current sharding.
+def commit_arrays(graph: Any) -> None:
+    """Commits every array of an nnx graph (module, optimizer, tuple of them) in place.
 
-    jit keys its cache on whether arguments are committed: the step's outputs are, so
-    without this a model created on the default device would compile a second time
-    at its second step.
+    jit keys its cache on whether arguments are committed: a step's outputs are as
+    soon as one input is, so a model or optimizer state left uncommitted (created on
+    the default device) beside committed arrays would compile a second time at the
+    second step.
     """
     state = nnx.state(graph)
     nnx.update(
@@ -389,7 +390,7 @@ def make_train_step(
 
     def build(model, optimizer):
         _replicate_stragglers((model, optimizer), mesh)
-        _commit((model, optimizer))
+        commit_arrays((model, optimizer))
         plan = FullGradPlan.from_model(model, pairs) if full_grads else None
         graphdef, _, mutable = nnx.split((model, optimizer), _FROZEN, ...)  # type: ignore[misc]
 

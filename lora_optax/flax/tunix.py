@@ -45,7 +45,7 @@ from tunix.sft import peft_trainer
 
 from lora_optax._src.pairs import LoRAPair
 from lora_optax.flax.lora import flat_paths
-from lora_optax.flax.train import FullGradPlan, lora_one_init
+from lora_optax.flax.train import FullGradPlan, commit_arrays, lora_one_init
 
 __all__ = ["LoRAPeftTrainer", "peft_loss_fn", "peft_lora_one_init"]
 
@@ -83,7 +83,11 @@ class LoRAPeftTrainer(peft_trainer.PeftTrainer):
     kernels (no second forward or backward pass). Everything else of ``PeftTrainer``
     (checkpoints, gradient accumulation, metrics, meshes, hooks) is unchanged, except
     that optimizer arrays restored to a single device are replicated onto the mesh
-    (see the module docstring).
+    (see the module docstring), and that without a mesh the model's and the
+    optimizer's arrays are committed to their device before the first step, so the
+    step compiles once (tunix's own trainer compiles it twice when the model's arrays
+    are committed, e.g. after :func:`lora_optax.flax.make_train_step`, and a fresh
+    optimizer state is not).
 
     Args:
       model: a model with LoRA factors (:func:`lora_optax.flax.apply_lora`, or qwix
@@ -150,7 +154,11 @@ class LoRAPeftTrainer(peft_trainer.PeftTrainer):
             )
 
     def _shard_optimizer(self, mesh: Any) -> None:
-        if not mesh.empty:
+        if mesh.empty:
+            # tunix places (and so commits) the state only on a mesh; a committed model
+            # beside a fresh, uncommitted optimizer state compiles the step twice
+            commit_arrays((self.model, self.optimizer))
+        else:
             _replicate_off_mesh(self.optimizer, mesh)
         super()._shard_optimizer(mesh)
 
