@@ -167,7 +167,7 @@ def main(argv=None) -> None:
         "```",
         "",
         f"Load average (`/proc/loadavg`) before: `{load_before}`, after: `{load_after}` "
-        "(2 cores shared with other jobs: absolute times vary with the load; the two losses "
+        "(absolute times vary with the load; the two losses "
         "run interleaved in one process, so their ratio is taken under the same load).",
         "",
     ]
