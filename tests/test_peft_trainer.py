@@ -49,6 +49,7 @@ from flax import nnx
 from tunix.sft import peft_trainer
 
 from lora_optax import flax as lf
+from lora_optax.flax.train import commit_arrays
 from tests.optimizer_cases import CASES, OptimizerCase
 
 V, D, K, H = 32, 16, 2, 4  # vocabulary, width, heads, head size
@@ -299,9 +300,7 @@ def _commit(trainer: peft_trainer.PeftTrainer) -> None:
     jit compiles separately for committed and uncommitted arguments; this lets a
     resumed trainer reuse the executable of the run it resumes (cost only).
     """
-    for node in (trainer.model, trainer.optimizer):
-        state = nnx.as_pure(nnx.state(node))
-        nnx.update(node, jax.tree.map(lambda x: jax.device_put(x, x.sharding), state))
+    commit_arrays((trainer.model, trainer.optimizer))
 
 
 def _train(run: Run, batches, mesh: jax.sharding.Mesh | None = None) -> Run:
@@ -540,8 +539,7 @@ def test_lora_peft_trainer_compiles_once_beside_a_committed_model():
     second time at the second step; LoRAPeftTrainer commits the state first."""
     case = next(c for c in ALL_CASES if c.name == "scaled_adamw")
     model = _fresh_model(case)
-    state = nnx.as_pure(nnx.state(model))
-    nnx.update(model, jax.tree.map(lambda x: jax.device_put(x, x.sharding), state))
+    commit_arrays(model)
     config = peft_trainer.TrainingConfig(
         eval_every_n_steps=1000, max_steps=STEPS, pbar_description=None
     )
