@@ -289,18 +289,12 @@ def _trainer(
         else:
             trainer = peft_trainer.PeftTrainer(model, tx, config)
     if mesh is None:
-        _commit(trainer)
+        # the fresh single-device state committed, as a restored one is: jit compiles
+        # separately for committed and uncommitted arguments, so a resumed trainer then
+        # reuses the executable of the run it resumes (cost only)
+        commit_arrays((trainer.model, trainer.optimizer))
     trainer = trainer.with_gen_model_input_fn(_gen_model_input)
     return Run(trainer, model, directory)
-
-
-def _commit(trainer: peft_trainer.PeftTrainer) -> None:
-    """Commits the fresh single-device state to its device, as a restored state is.
-
-    jit compiles separately for committed and uncommitted arguments; this lets a
-    resumed trainer reuse the executable of the run it resumes (cost only).
-    """
-    commit_arrays((trainer.model, trainer.optimizer))
 
 
 def _train(run: Run, batches, mesh: jax.sharding.Mesh | None = None) -> Run:

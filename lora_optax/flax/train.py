@@ -277,8 +277,10 @@ def _find_mesh(tree: Any) -> Any:
     return None
 
 
-def _replicate_stragglers(node: Any, mesh: Any) -> None:
-    """Puts every array of ``node`` that is not on the mesh onto it, replicated.
+def replicate_onto_mesh(node: Any, mesh: Any) -> None:
+    """Puts every array of ``node`` that is not on ``mesh`` onto it, replicated, in place.
+
+    ``mesh=None``: the mesh of the node's sharded arrays (nothing happens if none is).
 
     (Optimizer counters and scalars are created on one device; jit needs one mesh.)
     """
@@ -389,7 +391,7 @@ def make_train_step(
     cache: dict[str, Any] = {}
 
     def build(model, optimizer):
-        _replicate_stragglers((model, optimizer), mesh)
+        replicate_onto_mesh((model, optimizer), mesh)
         commit_arrays((model, optimizer))
         plan = FullGradPlan.from_model(model, pairs) if full_grads else None
         graphdef, _, mutable = nnx.split((model, optimizer), _FROZEN, ...)  # type: ignore[misc]

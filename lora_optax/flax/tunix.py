@@ -45,7 +45,7 @@ from tunix.sft import peft_trainer
 
 from lora_optax._src.pairs import LoRAPair
 from lora_optax.flax.lora import flat_paths
-from lora_optax.flax.train import FullGradPlan, commit_arrays, lora_one_init
+from lora_optax.flax.train import FullGradPlan, commit_arrays, lora_one_init, replicate_onto_mesh
 
 __all__ = ["LoRAPeftTrainer", "peft_loss_fn", "peft_lora_one_init"]
 
@@ -159,7 +159,7 @@ class LoRAPeftTrainer(peft_trainer.PeftTrainer):
             # beside a fresh, uncommitted optimizer state compiles the step twice
             commit_arrays((self.model, self.optimizer))
         else:
-            _replicate_off_mesh(self.optimizer, mesh)
+            replicate_onto_mesh(self.optimizer, mesh)
         super()._shard_optimizer(mesh)
 
     def _train_step(self, model: nnx.Module, optimizer: nnx.Optimizer, inputs: Any) -> Any:
@@ -200,20 +200,6 @@ class LoRAPeftTrainer(peft_trainer.PeftTrainer):
             means[entry.kernel_path] = acc / k
             total[...] = jnp.where(last, jnp.zeros_like(acc), acc)
         return means
-
-
-def _replicate_off_mesh(optimizer: nnx.Optimizer, mesh: Any) -> None:
-    """Puts every optimizer array that is not on ``mesh`` onto it, replicated."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.P())
-
-    def put(x: Any) -> Any:
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated) if isinstance(x, jax.Array) else x
-
-    state = nnx.state(optimizer)
-    nnx.update(optimizer, jax.tree.map(put, nnx.as_pure(state)))
 
 
 def _zeros_like_kernel(kernel: jax.Array) -> jax.Array:
