@@ -152,6 +152,7 @@ def lora_model(gemma3):
         alpha=8,
         model_inputs=gemma.causal_inputs(batch["tokens"][:1]),
     )
+    assert len(lora_pairs(model)) == 6  # and the shared base model has none of its own
     init = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
     return model, tok, batch, init
 
@@ -179,6 +180,9 @@ def test_gemma3_lora_presets(gemma3):
         "attn_vec_einsum",
     }
     assert len(lora_pairs(full)) == 6 * 18 and mlp == {"gate_proj", "up_proj", "down_proj"}
+    # the MLP's nnx.Linear layers were wrapped on a clone: the shared base model (every
+    # other test's) is left without LoRA
+    assert not lora_pairs(base)
 
 
 # SoLoRA starts from B = 0, so its first update moves B only; at the next one

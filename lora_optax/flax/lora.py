@@ -229,9 +229,10 @@ def apply_lora(
     """Adds LoRA factors to the modules of ``model`` whose path matches ``targets``.
 
     Args:
-      model: an ``nnx.Module``. ``nnx.Linear`` targets are wrapped in place; when any
-        target needs qwix (einsum-style modules) the model is cloned by qwix, so
-        always use the returned model.
+      model: an ``nnx.Module``. When every target is an ``nnx.Linear`` they are
+        wrapped in place; when any target needs qwix (einsum-style modules) the
+        LoRA model is a clone (sharing the frozen arrays) and ``model`` is left
+        unchanged. Always use the returned model.
       targets: a key of :data:`TARGET_PRESETS`, a regex fully matched against
         ``"/"``-joined module paths (``"layers/0/attn/q"``), or a list of names.
       rank: the LoRA rank ``r``.
@@ -277,6 +278,13 @@ def apply_lora(
             f"apply_lora: no module path matches {pattern.pattern!r}. Module paths: "
             f"{', '.join(all_paths[:12])}{', ...' if len(all_paths) > 12 else ''}."
         )
+    if einsum and linear:
+        # qwix clones the model; wrapping the linear targets on a clone of our own
+        # first (new variables, the same arrays) never leaves the caller's model
+        # half-adapted.
+        model = nnx.clone(model)
+        found = dict(nnx.iter_modules(model))
+        linear = [(path, found[path]) for path, _ in linear]
     for path, lin in linear:
         kernel = lin.kernel[...]
         dtype = lora_param_dtype or kernel.dtype
