@@ -283,7 +283,7 @@ def apply_lora(
         # first (new variables, the same arrays) never leaves the caller's model
         # half-adapted.
         model = nnx.clone(model)
-        found = dict(nnx.iter_modules(model))
+        found: dict[tuple[Any, ...], Any] = dict(nnx.iter_modules(model))
         linear = [(path, found[path]) for path, _ in linear]
     for path, lin in linear:
         kernel = lin.kernel[...]
