@@ -53,8 +53,8 @@ def test_apply_lora_structure_and_identity_at_init():
     assert type(block.mlp) is nnx.Linear and type(model.head) is nnx.Linear
     n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     assert n_lora == 2 * (5 * 2 + 2 * 6 + 6 * 2 + 2 * 6 + 6 * 2 + 2 * 5)
-    # qwix cloned the model for kv/o, so the nnx.Linear q was wrapped on the clone too:
-    # the caller's model is left as it was, not half-adapted
+    # kv/o need qwix, so the LoRA model is a clone and the nnx.Linear q was wrapped on
+    # it: the caller's model is left as it was, not half-adapted
     assert type(base.layers[0].q) is nnx.Linear
     assert not jax.tree.leaves(nnx.state(base, nnx.LoRAParam))
     np.testing.assert_array_equal(base(x), y0)
