@@ -65,17 +65,17 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
-# Heaviest modules first (seconds of worker time on 2 cores, 2026-12-02; test_gemma3
-# re-measured 2026-12-07): with --dist loadfile each module is one unit of work, so a
-# heavy one scheduled last would leave the other worker idle at the end.
+# Heaviest modules first (seconds of worker time, setup + call + teardown summed, in one
+# full run on 2 cores, 2026-12-07): with --dist loadfile each module is one unit of
+# work, so a heavy one scheduled last would leave the other worker idle at the end.
 HEAVY_FIRST = (
-    "test_common.py",  # 390 s
-    "test_gemma3.py",  # 115 s alone, ~160 s beside the other worker
-    "test_peft_trainer.py",  # 220 s
-    "test_robustness.py",  # 185 s
-    "test_checkpoint_state.py",  # 160 s
-    "test_sharding.py",  # 140 s
-    "test_benchmarks_smoke.py",  # 100 s
+    "test_common.py",  # 263 s
+    "test_gemma3.py",  # 164 s
+    "test_robustness.py",  # 114 s
+    "test_peft_trainer.py",  # 100 s
+    "test_checkpoint_state.py",  # 81 s
+    "test_sharding.py",  # 71 s
+    "test_benchmarks_smoke.py",  # 61 s
 )
 
 
